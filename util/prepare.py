@@ -1,0 +1,53 @@
+"""Data preparation commands, one entry point: ``python -m util.prepare <command> [options]``.
+
+    python -m util.prepare --help
+    python -m util.prepare toy --help
+    python -m util.prepare toy                 # the built-in toy benchmark under data/toy
+    python -m util.prepare lists --dataset pascal
+    python -m util.prepare coco_masks --root data/coco
+
+A command is a module exposing ``add_arguments(parser)`` and ``run(args)``; registering one is
+a single line in :data:`COMMANDS`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from util import coco, lists, toy
+from util.io import DataError
+
+# name -> (add_arguments, run, one-line help)
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None], str]] = {
+    "toy": (toy.add_arguments, toy.run, "generate the built-in synthetic toy benchmark (default data/toy)"),
+    "lists": (lists.add_arguments, lists.run, "write the PASCAL/COCO image lists and check the per-fold counts"),
+    "coco_masks": (coco.add_arguments, coco.run, "render COCO2014 class-index PNG masks from instances_*.json"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per entry of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="python -m util.prepare", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", metavar="command", required=True)
+    for name, (add_arguments, run, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.set_defaults(run_command=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: the command line) and run the chosen command."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run_command(args)
+    except DataError as err:   # a user's data problem: the message says what to fix, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
