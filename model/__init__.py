@@ -1,0 +1,92 @@
+"""SAM-RSP models: the PSPNet base learner (stage ``base``), BAM (stage ``bam``) and SAM-RSP
+(stage ``sam_rsp``).
+
+``build_model(cfg)`` builds the model of ``cfg.train.stage`` from the ``model`` and ``data``
+config sections; it reads no file. Weights are loaded afterwards with
+:func:`util.checkpoint.load_weights` / :func:`util.checkpoint.load_pretrained_parts`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Mapping, Optional
+
+import torch.nn as nn
+
+from .attention import SDPAAttention, set_attention
+from .backbone import ResNetBackbone, VGGBackbone, build_backbone
+from .bam import BAM
+from .decoder import SAMRSPDecoder, pixel_prototype
+from .pspnet import PPM, PSPNet
+from .sam_encoder import SAM_CHECKPOINT_NAMES, SAM_ENCODER_SPECS, build_sam_encoder
+from .sam_rsp import SAMRSP
+
+__all__ = [
+    "BAM", "BUILDERS", "PPM", "PSPNet", "ResNetBackbone", "SAMRSP", "SAMRSPDecoder", "SAM_CHECKPOINT_NAMES",
+    "SAM_ENCODER_SPECS", "SDPAAttention", "VGGBackbone", "build_backbone", "build_bam", "build_model",
+    "build_pspnet", "build_sam_rsp", "build_sam_encoder", "pixel_prototype", "set_attention",
+]
+
+
+def _num_base_channels(cfg: Mapping) -> int:
+    from util.folds import make_fold
+    return make_fold(cfg["data"]).num_base_channels
+
+
+def _backbone_kwargs(m: Mapping) -> dict:
+    return {"backbone": m["backbone"], "backbone_width": int(m["backbone_width"]),
+            "backbone_blocks": list(m["backbone_blocks"]) or None}
+
+
+def build_pspnet(cfg: Mapping) -> PSPNet:
+    """Stage ``base``: the PSPNet base learner."""
+    m = cfg["model"]
+    base = m["base_learner"]
+    return PSPNet(**_backbone_kwargs(m), num_classes=_num_base_channels(cfg), ppm_bins=tuple(base["ppm_bins"]),
+                  hidden_dim=int(base["hidden_dim"]), dropout=float(base["dropout"]))
+
+
+def build_bam(cfg: Mapping) -> BAM:
+    """Stage ``bam``: BAM with a frozen backbone and base learner."""
+    m = cfg["model"]
+    base, rspg = m["base_learner"], m["rspg"]
+    return BAM(**_backbone_kwargs(m), num_base_channels=_num_base_channels(cfg), shot=int(cfg["data"]["shot"]),
+               reduce_dim=int(rspg["reduce_dim"]), kshot_trans_dim=int(rspg["kshot_trans_dim"]),
+               low_feature=rspg["low_feature"], ppm_bins=tuple(base["ppm_bins"]),
+               base_hidden_dim=int(base["hidden_dim"]), base_dropout=float(base["dropout"]))
+
+
+def build_sam_rsp(cfg: Mapping) -> SAMRSP:
+    """Stage ``sam_rsp``: frozen BAM + frozen SAM image encoder + the trainable decoder.
+
+    ``model.sam.attention`` selects the implementation of every attention layer of the model
+    (the encoder's and the decoder's blocks alike; both are numerically equal).
+    """
+    m = cfg["model"]
+    sam, dec = m["sam"], m["decoder"]
+    encoder = build_sam_encoder(
+        sam["type"], img_size=int(sam["img_size"]), patch_size=int(sam["patch_size"]),
+        embed_dim=sam["embed_dim"], depth=sam["depth"], num_heads=sam["num_heads"],
+        global_attn_indexes=sam["global_attn_indexes"], window_size=int(sam["window_size"]),
+        out_chans=int(sam["out_chans"]), layer_norm_eps=float(sam["layer_norm_eps"]),
+        attention=sam["attention"])
+    decoder = SAMRSPDecoder(
+        embed_dim=int(sam["out_chans"]), grid_size=int(sam["img_size"]) // int(sam["patch_size"]),
+        depth=int(dec["depth"]), num_heads=int(dec["num_heads"]), window_size=int(dec["window_size"]),
+        inner_dim=int(dec["inner_dim"]), side_head=dec["side_head"])
+    model = SAMRSP(rspg=build_bam(cfg), image_encoder=encoder, decoder=decoder,
+                   frozen_train_mode=bool(m["rspg"]["frozen_train_mode"]))
+    return set_attention(model, sam["attention"])
+
+
+BUILDERS: Dict[str, Callable[[Mapping], nn.Module]] = {
+    "base": build_pspnet,
+    "bam": build_bam,
+    "sam_rsp": build_sam_rsp,
+}
+
+
+def build_model(cfg: Mapping, stage: Optional[str] = None) -> nn.Module:
+    """The model of ``stage`` (default ``cfg.train.stage``): ``base`` | ``bam`` | ``sam_rsp``."""
+    stage = stage or cfg["train"]["stage"]
+    if stage not in BUILDERS:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(BUILDERS)}")
+    return BUILDERS[stage](cfg)

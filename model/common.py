@@ -1,0 +1,55 @@
+"""Small tensor helpers shared by the model files."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize with ``align_corners=True`` (every resize in BAM and SAM-RSP is this one).
+
+    x: BxCxHxW -> BxCx``size``.
+    """
+    return F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=True)
+
+
+def output_size(height: int, width: int) -> Tuple[int, int]:
+    """The originals' output size ``int((H - 1) / 8 * 8 + 1)`` (float arithmetic kept; = H in practice)."""
+    return int((height - 1) / 8 * 8 + 1), int((width - 1) / 8 * 8 + 1)
+
+
+def min_max_per_image(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """``(x - min) / (max - min + eps)`` with min/max taken per image over every other dim.
+
+    x: Bx... -> same shape.
+    """
+    flat = x.reshape(x.shape[0], -1)
+    low = flat.min(1, keepdim=True)[0]
+    high = flat.max(1, keepdim=True)[0]
+    return ((flat - low) / (high - low + eps)).view_as(x)
+
+
+def diff_map(two_channel: torch.Tensor) -> torch.Tensor:
+    """Foreground-minus-background map, min-max normalised per image.
+
+    two_channel: Bx2xHxW -> Bx1xHxW, ``d = x[:, 1] - x[:, 0]`` then per-image min-max (eps 1e-7).
+    """
+    d = two_channel[:, 1:2] - two_channel[:, 0:1]
+    return min_max_per_image(d)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Set ``requires_grad=False`` on every parameter of ``module``."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def batchnorm_eval(module: nn.Module) -> None:
+    """Put every BatchNorm layer inside ``module`` in eval mode (running statistics used, not updated)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()

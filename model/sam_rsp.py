@@ -1,0 +1,83 @@
+"""SAM-RSP: a frozen BAM (the rough-segmentation-prompt generator), a frozen SAM image encoder
+and the trainable :class:`~model.decoder.SAMRSPDecoder` (SPEC 1).
+
+The frozen parts can be computed separately and reused (e.g. across episodes that share a query
+image): :meth:`SAMRSP.embed_query` gives the SAM embedding and ``rspg.extract_query_features``
+BAM's query backbone features; pass them to ``forward`` as ``query_embedding`` / ``query_feats``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+from segment_anything.modeling.image_encoder import ImageEncoderViT
+
+from .bam import BAM
+from .common import batchnorm_eval, freeze, resize
+from .decoder import SAMRSPDecoder
+
+
+class SAMRSP(nn.Module):
+    """forward(query_img Bx3xHxW, support_imgs BxKx3xHxW, support_masks BxKxHxW (0/1/255),
+    class_ids LongTensor B | None) -> dict:
+
+    * ``logits``: B x 2 x H x W, the final logits;
+    * ``prompt_logits``: B x 2 x H x W, BAM's ``final_out`` (probability-like) at the input size;
+    * in training mode, ``aux_logits``: the side heads' B x 2 x H x W logits (depth - 1 of them).
+
+    Training mode: the decoder trains; the SAM encoder stays in eval; BAM runs in train mode
+    except its BatchNorm (Dropout active, each episode's own class, ``class_ids``, left out of
+    BAM's base map: the original's behaviour) when ``frozen_train_mode`` is true, otherwise in
+    eval mode. ``class_ids`` (base-learner channel of each episode's class) is required then.
+    """
+
+    def __init__(self, *, rspg: BAM, image_encoder: ImageEncoderViT, decoder: SAMRSPDecoder,
+                 frozen_train_mode: bool = True) -> None:
+        super().__init__()
+        self.rspg = freeze(rspg)
+        self.image_encoder = freeze(image_encoder)
+        self.decoder = decoder
+        self.frozen_train_mode = bool(frozen_train_mode)
+        self.train(self.training)
+
+    @property
+    def grid_size(self) -> int:
+        """Side of SAM's token grid (img_size // patch_size)."""
+        return int(self.image_encoder.pos_embed.shape[1])
+
+    def train(self, mode: bool = True) -> "SAMRSP":
+        super().train(mode)
+        self.image_encoder.eval()
+        self.rspg.train(mode and self.frozen_train_mode)
+        batchnorm_eval(self.rspg)
+        return self
+
+    @torch.no_grad()
+    def embed_query(self, query_img: torch.Tensor) -> torch.Tensor:
+        """SAM embedding of the query stretched to img_size x img_size (bilinear, align_corners).
+
+        query_img: Bx3xHxW -> B x out_chans x g x g.
+        """
+        size = self.image_encoder.img_size
+        return self.image_encoder(resize(query_img, (size, size)))
+
+    def forward(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor,
+                class_ids: Optional[torch.Tensor] = None, *, query_embedding: Optional[torch.Tensor] = None,
+                query_feats: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, object]:
+        """See the class docstring; ``query_embedding`` = :meth:`embed_query` output and
+        ``query_feats`` = ``rspg.extract_query_features`` output, when precomputed."""
+        height, width = query_img.shape[-2:]
+        with torch.no_grad():
+            prompt = self.rspg(query_img, support_imgs, support_masks,
+                               class_ids=class_ids if self.rspg.training else None,
+                               query_feats=query_feats)["logits"]
+            if query_embedding is None:
+                query_embedding = self.embed_query(query_img)
+            grid = query_embedding.shape[-2:]
+            prompt_grid = resize(prompt, grid)
+        out = self.decoder(query_embedding, prompt_grid)
+        result: Dict[str, object] = {"logits": resize(out["logits"], (height, width)), "prompt_logits": prompt}
+        if self.training:
+            result["aux_logits"] = [resize(o, (height, width)) for o in out["aux_logits"]]
+        return result
