@@ -28,7 +28,14 @@ __all__ = [
 
 def _num_base_channels(cfg: Mapping) -> int:
     from util.folds import make_fold
-    return make_fold(cfg["data"]).num_base_channels
+    data = cfg["data"]
+    names = None
+    if data["dataset"] == "custom" and not data["class_names"]:
+        # the classes of a custom dataset default to its folder names (a directory listing)
+        from util.config import resolve_path
+        from util.dataset import custom_class_names
+        names = custom_class_names(resolve_path(data["root"], cfg))
+    return make_fold(data, names).num_base_channels
 
 
 def _backbone_kwargs(m: Mapping) -> dict:

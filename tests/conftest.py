@@ -63,3 +63,31 @@ def data_overrides(root: Path, cache: Path, **extra) -> list[str]:
     items = {"data.root": str(root), "data.cache_dir": str(cache), "data.min_class_pixels": 100,
              "data.train_size": 65, "data.val_size": 65, "data.num_workers": 0, **extra}
     return [f"{k}={v}" for k, v in items.items()]
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory):
+    """A small toy benchmark (80 train / 100 val images), generated once per test session."""
+    from util.toy import generate_toy
+    root = tmp_path_factory.mktemp("toy") / "toy"
+    generate_toy(root, num_train=80, num_val=100, seed=0, workers=1, progress=False)
+    return root
+
+
+def tiny_toy_overrides(root: Path, cache: Path, out: Path | None = None, **extra) -> list[str]:
+    """The toy config shrunk further, for engine tests that train in seconds."""
+    items = {
+        "data.root": str(root), "data.cache_dir": str(cache), "data.num_workers": 0,
+        "data.train_size": 65, "data.val_size": 65, "device": "cpu",
+        "model.backbone_width": 8, "model.base_learner.hidden_dim": 16, "model.rspg.reduce_dim": 16,
+        "model.sam.img_size": 64, "model.sam.patch_size": 8, "model.sam.embed_dim": 16, "model.sam.num_heads": 2,
+        "model.sam.out_chans": 32, "model.decoder.num_heads": 4,
+        "train.base.crop_size": 65, "train.base.val_size": 65, "train.base.batch_size": 4,
+        "train.bam.batch_size": 4, "train.sam_rsp.batch_size": 2,
+        "train.val_episodes": 12, "train.log_every": 1,
+        "eval.episodes": 12, "eval.seeds": [1, 2], "eval.batch_size": 3,
+    }
+    if out is not None:
+        items["output_dir"] = str(out)
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]

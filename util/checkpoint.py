@@ -394,7 +394,13 @@ def load_weights(model: nn.Module, path, require_complete: bool = False) -> Load
     model = _unwrap(model)
     path = Path(path)
     obj = _read(path)
-    if isinstance(obj, Mapping) and "format" in obj:
+    if isinstance(obj, Mapping) and "format" in obj and obj.get("stage") == "base" \
+            and not isinstance(model, PSPNet) and obj.get("format") == FORMAT_VERSION:
+        # A stage-1 checkpoint holds a whole PSPNet: it goes wherever a PSPNet best.pth goes
+        # (the backbone and learner_base of a BAM, or of SAMRSP.rspg).
+        report = _load_official(model, {"state_dict": obj["model"]}, path)
+        report.format = FORMAT_VERSION + " (stage base, as a PSPNet)"
+    elif isinstance(obj, Mapping) and "format" in obj:
         report = _load_ours(model, obj, path)
     else:
         report = _load_official(model, obj, path)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from util.config import ConfigError
+
 PASCAL_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -77,7 +79,7 @@ def coco_fold(split: int, use_split_coco: bool) -> tuple[tuple[int, ...], tuple[
 
 def _check_split(split: int, num_splits: int) -> None:
     if not isinstance(split, int) or not 0 <= split < num_splits:
-        raise ValueError(f"data.split must be an integer in 0..{num_splits - 1}, got {split!r}")
+        raise ConfigError(f"data.split must be an integer in 0..{num_splits - 1}, got {split!r}")
 
 
 def make_fold(data_cfg: Mapping, class_names: Sequence[str] | None = None) -> Fold:
@@ -102,18 +104,18 @@ def make_fold(data_cfg: Mapping, class_names: Sequence[str] | None = None) -> Fo
     if dataset == "custom":
         names = tuple(class_names if class_names is not None else data_cfg["class_names"])
         if not names:
-            raise ValueError("data.class_names is empty for a custom dataset; list the class folders "
+            raise ConfigError("data.class_names is empty for a custom dataset; list the class folders "
                              "or let util.dataset.custom_class_names read them from data.root")
         folds = data_cfg["fold_classes"]
         if not folds:
-            raise ValueError("data.fold_classes is empty: a custom dataset needs, per fold, the list of "
+            raise ConfigError("data.fold_classes is empty: a custom dataset needs, per fold, the list of "
                              "novel class names (e.g. data.fold_classes=[[cat,dog],[car,bus]])")
         _check_split(split, len(folds))
         unknown = [n for n in folds[split] if n not in names]
         if unknown:
-            raise ValueError(f"data.fold_classes[{split}] names classes that do not exist: {unknown}; "
+            raise ConfigError(f"data.fold_classes[{split}] names classes that do not exist: {unknown}; "
                              f"known classes: {list(names)}")
         novel = tuple(sorted(names.index(n) + 1 for n in folds[split]))
         base = tuple(c for c in range(1, len(names) + 1) if c not in novel)
         return Fold(names, base, novel)
-    raise ValueError(f"data.dataset must be one of pascal, coco, toy, custom; got {dataset!r}")
+    raise ConfigError(f"data.dataset must be one of pascal, coco, toy, custom; got {dataset!r}")
