@@ -179,11 +179,43 @@ class BAM(nn.Module):
             feats.append(x)
         return feats
 
-    def forward(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor,
-                class_ids: Optional[torch.Tensor] = None,
-                query_feats: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-        """See the class docstring. ``query_feats``: precomputed :meth:`extract_query_features`."""
+    @torch.no_grad()
+    def extract_support_features(self, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The frozen backbone's work on the supports, all B*K images in ONE backbone call (the
+        original loops over the shots; BatchNorm is in eval, so the numbers are the same).
+
+        support_imgs: BxKx3xHxW, support_masks: BxKxHxW (1 = foreground; 255 counts as
+        background) -> dict of B x K x ... tensors:
+        ``layer2``/``layer3`` (layer2 resized to layer3's size for VGG), ``layer4`` (computed on
+        layer3 * mask), ``mask`` (the mask at layer3's size, for the prototype), ``prior_mask``
+        (the full-resolution mask resized to layer4's size, for the prior) and the Gram
+        feature ``low``.
+        """
         batch, shots = support_imgs.shape[:2]
+        images = support_imgs.flatten(0, 1)
+        full_mask = (support_masks.flatten(0, 1) == 1).to(images.dtype).unsqueeze(1)
+        s1 = self.layer1(self.layer0(images))
+        s2 = self.layer2(s1)
+        s3 = self.layer3(s2)
+        mask = resize(full_mask, s3.shape[-2:])
+        s4 = self.layer4(s3 * mask)
+        if self.is_vgg:
+            s2 = resize(s2, s3.shape[-2:])
+        low = {"layer1": s1, "layer2": s2, "layer3": s3, "layer4": s4}[self.low_feature]
+        feats = {"layer2": s2, "layer3": s3, "layer4": s4, "mask": mask,
+                 "prior_mask": resize(full_mask, s4.shape[-2:]), "low": low}
+        return {k: v.unflatten(0, (batch, shots)) for k, v in feats.items()}
+
+    def forward(self, query_img: torch.Tensor, support_imgs: Optional[torch.Tensor],
+                support_masks: Optional[torch.Tensor], class_ids: Optional[torch.Tensor] = None,
+                query_feats: Optional[Dict[str, torch.Tensor]] = None,
+                support_feats: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """See the class docstring. ``query_feats`` / ``support_feats``: precomputed
+        :meth:`extract_query_features` / :meth:`extract_support_features` (then the support
+        images and masks may be None)."""
+        if support_feats is None:
+            support_feats = self.extract_support_features(support_imgs, support_masks)
+        shots = support_feats["layer3"].shape[1]
         if shots != self.shot:
             raise ValueError(f"this BAM was built for {self.shot} shot(s); got {shots} support images")
         size = output_size(query_img.shape[-2], query_img.shape[-1])
@@ -195,21 +227,10 @@ class BAM(nn.Module):
 
         prototypes, priors, estimates = [], [], []
         for k in range(shots):
-            full_mask = (support_masks[:, k] == 1).to(support_imgs.dtype).unsqueeze(1)
-            with torch.no_grad():
-                s0 = self.layer0(support_imgs[:, k])
-                s1 = self.layer1(s0)
-                s2 = self.layer2(s1)
-                s3 = self.layer3(s2)
-                mask = resize(full_mask, s3.shape[-2:])
-                s4 = self.layer4(s3 * mask)
-                if self.is_vgg:
-                    s2 = resize(s2, s3.shape[-2:])
-            support_feat = self.down_supp(torch.cat([s3, s2], 1))
-            prototypes.append(weighted_gap(support_feat, mask))
-            low = {"layer1": s1, "layer2": s2, "layer3": s3, "layer4": s4}[self.low_feature]
-            estimates.append(gram_distance(query_gram, gram_matrix(low)))
-            masked_s4 = s4 * resize(full_mask, s4.shape[-2:])
+            support_feat = self.down_supp(torch.cat([support_feats["layer3"][:, k], support_feats["layer2"][:, k]], 1))
+            prototypes.append(weighted_gap(support_feat, support_feats["mask"][:, k]))
+            estimates.append(gram_distance(query_gram, gram_matrix(support_feats["low"][:, k])))
+            masked_s4 = support_feats["layer4"][:, k] * support_feats["prior_mask"][:, k]
             priors.append(prior_mask(query_4, masked_s4, query_3.shape[-2:]))
 
         # K-shot reweighting by the Gram estimate (1-shot: weight 1).

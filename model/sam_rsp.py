@@ -62,16 +62,20 @@ class SAMRSP(nn.Module):
         size = self.image_encoder.img_size
         return self.image_encoder(resize(query_img, (size, size)))
 
-    def forward(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor,
-                class_ids: Optional[torch.Tensor] = None, *, query_embedding: Optional[torch.Tensor] = None,
-                query_feats: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, object]:
-        """See the class docstring; ``query_embedding`` = :meth:`embed_query` output and
-        ``query_feats`` = ``rspg.extract_query_features`` output, when precomputed."""
+    def forward(self, query_img: torch.Tensor, support_imgs: Optional[torch.Tensor],
+                support_masks: Optional[torch.Tensor], class_ids: Optional[torch.Tensor] = None, *,
+                query_embedding: Optional[torch.Tensor] = None,
+                query_feats: Optional[Dict[str, torch.Tensor]] = None,
+                support_feats: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, object]:
+        """See the class docstring. Precomputed frozen work, when given, is used instead of
+        recomputing it: ``query_embedding`` = :meth:`embed_query`, ``query_feats`` =
+        ``rspg.extract_query_features``, ``support_feats`` = ``rspg.extract_support_features``
+        (then ``support_imgs`` / ``support_masks`` may be None)."""
         height, width = query_img.shape[-2:]
         with torch.no_grad():
             prompt = self.rspg(query_img, support_imgs, support_masks,
                                class_ids=class_ids if self.rspg.training else None,
-                               query_feats=query_feats)["logits"]
+                               query_feats=query_feats, support_feats=support_feats)["logits"]
             if query_embedding is None:
                 query_embedding = self.embed_query(query_img)
             grid = query_embedding.shape[-2:]
