@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .aspp import ASPP
 from .backbone import LAYER_NAMES, adopt_backbone_layers, build_backbone
-from .common import batchnorm_eval, freeze, min_max_per_image, output_size, resize
+from .common import batchnorm_eval, freeze, min_max_per_image, one_image_at_a_time, output_size, resize
 from .pspnet import PPM, make_cls_head
 
 COSINE_EPS = 1e-7
@@ -164,8 +164,15 @@ class BAM(nn.Module):
 
         query_img: Bx3xHxW -> dict ``layer2``, ``layer3``, ``layer4`` (and the Gram feature
         ``low_feature``). For VGG ``layer2`` is already resized (bilinear, align_corners) to
-        layer3's size, as the original does right after the backbone.
+        layer3's size, as the original does right after the backbone. In eval mode the images
+        go through the backbone one at a time (:func:`~model.common.one_image_at_a_time`: an
+        image's features do not depend on its batch-mates, so cached features are exact).
         """
+        if not self.training:
+            return one_image_at_a_time(self._query_features, query_img)
+        return self._query_features(query_img)
+
+    def _query_features(self, query_img: torch.Tensor) -> Dict[str, torch.Tensor]:
         feats = dict(zip(LAYER_NAMES, self._backbone(query_img)))
         if self.is_vgg:
             feats["layer2"] = resize(feats["layer2"], feats["layer3"].shape[-2:])

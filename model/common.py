@@ -1,7 +1,7 @@
 """Small tensor helpers shared by the model files."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Dict, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
@@ -53,3 +53,24 @@ def batchnorm_eval(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
+
+
+Batched = TypeVar("Batched", torch.Tensor, Dict[str, torch.Tensor])
+
+
+def one_image_at_a_time(fn: Callable[[torch.Tensor], Batched], images: torch.Tensor) -> Batched:
+    """``fn`` applied to each image separately, the outputs concatenated along the batch.
+
+    images: B x ... -> ``fn``'s output for the batch (a tensor or a dict of tensors, batch first).
+    Why: CPU and GPU kernels choose their blocking by problem size, so an image's output can
+    differ in the last bits (~1e-6) with the batch it comes in. Computed image by image it does
+    not, which makes cached and uncached evaluation bit-identical (util/feature_cache.py). The
+    frozen encoders have enough work per image (4096 tokens for ViT at 1024, 60 x 60 ResNet
+    grids at 473) that batching them gains little.
+    """
+    if images.shape[0] == 1:
+        return fn(images)
+    outputs = [fn(images[i:i + 1]) for i in range(images.shape[0])]
+    if isinstance(outputs[0], dict):
+        return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+    return torch.cat(outputs)

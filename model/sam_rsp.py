@@ -7,14 +7,15 @@ BAM's query backbone features; pass them to ``forward`` as ``query_embedding`` /
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import contextlib
+from typing import ContextManager, Dict, Optional
 
 import torch
 import torch.nn as nn
 from segment_anything.modeling.image_encoder import ImageEncoderViT
 
 from .bam import BAM
-from .common import batchnorm_eval, freeze, resize
+from .common import batchnorm_eval, freeze, one_image_at_a_time, resize
 from .decoder import SAMRSPDecoder
 
 
@@ -30,6 +31,10 @@ class SAMRSP(nn.Module):
     except its BatchNorm (Dropout active, each episode's own class, ``class_ids``, left out of
     BAM's base map: the original's behaviour) when ``frozen_train_mode`` is true, otherwise in
     eval mode. ``class_ids`` (base-learner channel of each episode's class) is required then.
+
+    ``frozen_amp_dtype`` (None = off; set by ``util.feature_cache.prepare_frozen_encoders`` for
+    ``eval.amp`` / ``train.amp`` on CUDA) autocasts the frozen SAM encoder and BAM to that
+    dtype; their outputs are cast back to float32, so the decoder always runs in float32.
     """
 
     def __init__(self, *, rspg: BAM, image_encoder: ImageEncoderViT, decoder: SAMRSPDecoder,
@@ -39,6 +44,7 @@ class SAMRSP(nn.Module):
         self.image_encoder = freeze(image_encoder)
         self.decoder = decoder
         self.frozen_train_mode = bool(frozen_train_mode)
+        self.frozen_amp_dtype: Optional[torch.dtype] = None
         self.train(self.training)
 
     @property
@@ -53,14 +59,36 @@ class SAMRSP(nn.Module):
         batchnorm_eval(self.rspg)
         return self
 
+    def frozen_autocast(self, device_type: str) -> ContextManager:
+        """Autocast to ``frozen_amp_dtype`` for the frozen encoders (a null context when off)."""
+        if self.frozen_amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device_type, dtype=self.frozen_amp_dtype)
+
     @torch.no_grad()
     def embed_query(self, query_img: torch.Tensor) -> torch.Tensor:
         """SAM embedding of the query stretched to img_size x img_size (bilinear, align_corners).
 
-        query_img: Bx3xHxW -> B x out_chans x g x g.
+        query_img: Bx3xHxW -> B x out_chans x g x g (float32). In eval mode one image at a time
+        (:func:`~model.common.one_image_at_a_time`: batch-invariant, so cached embeddings are exact).
         """
         size = self.image_encoder.img_size
-        return self.image_encoder(resize(query_img, (size, size)))
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            return self.image_encoder(resize(images, (size, size))).float()
+
+        with self.frozen_autocast(query_img.device.type):
+            return encode(query_img) if self.training else one_image_at_a_time(encode, query_img)
+
+    @torch.no_grad()
+    def query_features(self, query_img: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """BAM's frozen query backbone features (``rspg.extract_query_features``), float32.
+
+        query_img: Bx3xHxW -> dict of B x C x h x w tensors.
+        """
+        with self.frozen_autocast(query_img.device.type):
+            feats = self.rspg.extract_query_features(query_img)
+        return {name: value.float() for name, value in feats.items()}
 
     def forward(self, query_img: torch.Tensor, support_imgs: Optional[torch.Tensor],
                 support_masks: Optional[torch.Tensor], class_ids: Optional[torch.Tensor] = None, *,
@@ -73,9 +101,10 @@ class SAMRSP(nn.Module):
         (then ``support_imgs`` / ``support_masks`` may be None)."""
         height, width = query_img.shape[-2:]
         with torch.no_grad():
-            prompt = self.rspg(query_img, support_imgs, support_masks,
-                               class_ids=class_ids if self.rspg.training else None,
-                               query_feats=query_feats, support_feats=support_feats)["logits"]
+            with self.frozen_autocast(query_img.device.type):
+                prompt = self.rspg(query_img, support_imgs, support_masks,
+                                   class_ids=class_ids if self.rspg.training else None,
+                                   query_feats=query_feats, support_feats=support_feats)["logits"].float()
             if query_embedding is None:
                 query_embedding = self.embed_query(query_img)
             grid = query_embedding.shape[-2:]

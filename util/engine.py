@@ -315,7 +315,8 @@ def default_test_dir(cfg: Mapping) -> Path:
 def test(cfg: Mapping, *, runner=None, progress: bool = True) -> dict:
     """Evaluate ``cfg.weights`` with the test protocol; prints the tables and writes results.json."""
     from util.checkpoint import load_weights
-    from util.evaluation import EpisodeRunner, format_results, run_test_protocol
+    from util.evaluation import format_results, run_test_protocol
+    from util.feature_cache import all_reduce_counts, build_runner, prepare_frozen_encoders
 
     if not cfg["weights"]:
         raise ConfigError("test.py needs weights=PATH: a checkpoint of this project (best.pth / last.pth of a "
@@ -332,9 +333,17 @@ def test(cfg: Mapping, *, runner=None, progress: bool = True) -> dict:
     report = load_weights(model, resolve_path(cfg["weights"]), require_complete=True)
     log.info(f"loaded {cfg['weights']} ({report.summary()})")
     model.to(proc.device).eval()
-    runner = runner or EpisodeRunner(proc.device, amp=cfg["eval"]["amp"])
+    prepare_frozen_encoders(model, device=proc.device, amp=cfg["eval"]["amp"], compile=cfg["eval"]["compile"],
+                            log=log.info)
+    # one runner (and so one feature cache) for every seed of the protocol
+    runner = runner or build_runner(cfg, device=proc.device, log=log.info)
     results = run_test_protocol(model, cfg, proc=proc, runner=runner, progress=progress, log=log.info)
     results["weights"] = str(cfg["weights"])
+    counts = all_reduce_counts(runner.stats, proc.device)
+    results.update(encoder_calls=counts["encoder_calls"], cache_hits=counts["cache_hits"], cache_counts=counts)
+    log.info(f"query encoder calls: {counts['encoder_calls']}, cache hits: {counts['cache_hits']}"
+             + (f" ({', '.join(f'{k} {v}' for k, v in counts.items() if k not in ('encoder_calls', 'cache_hits'))})"
+                if len(counts) > 2 else ""))
     if proc.is_main:
         log.info("\n" + format_results(results))
         tmp = out_dir / "results.json.tmp"

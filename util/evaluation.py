@@ -43,14 +43,21 @@ class EpisodeRunner:
     """Runs a few-shot model on a batch of episodes: ``outputs = runner(model, batch)``.
 
     The plain runner calls ``model(query_img, support_imgs, support_masks)``; the feature cache
-    (util.feature_cache) plugs in here to reuse the frozen encoders' outputs.
+    (util.feature_cache.CachedEpisodeRunner) plugs in here to reuse the frozen encoders' outputs.
+    ``stats["encoder_calls"]`` counts the query images that went through the (frozen) query
+    encoder: here one per episode; ``stats["cache_hits"]`` the ones a cache served instead.
     """
 
-    def __init__(self, device: torch.device, amp: bool = False):
-        self.device, self.amp = device, amp and device.type == "cuda"
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stats = {"encoder_calls": 0, "cache_hits": 0}
+
+    def begin(self, dataset) -> None:
+        """Called by :func:`evaluate_episodes` before the episodes of ``dataset`` run."""
 
     def __call__(self, model: torch.nn.Module, batch: Mapping) -> dict:
         query_img, support_imgs, support_masks = episode_inputs(batch, self.device)
+        self.stats["encoder_calls"] += int(query_img.shape[0])
         return model(query_img, support_imgs, support_masks)
 
 
@@ -72,6 +79,7 @@ def evaluate_episodes(model: torch.nn.Module, dataset, *, class_ids: Sequence[in
     meters = {name: FewShotMeter(class_ids, device=proc.device) for name in ("final", "prompt", "baseline")}
     has_prompt = False
     loader = make_loader(dataset, proc, batch_size, num_workers)
+    runner.begin(dataset)
     for batch in tqdm(loader, desc=desc, disable=not (progress and proc.is_main), leave=False, dynamic_ncols=True):
         outputs = runner(net, batch)
         sizes = batch["query_ori_size"]
