@@ -221,6 +221,11 @@ def _format_groups(title: str, bad: Sequence[str], universe: Iterable[str]) -> L
 def _mismatch_error(path, what: str, missing: Sequence[str], expected: Iterable[str], unexpected: Sequence[str],
                     given: Iterable[str], shapes: Sequence[Tuple[str, tuple, tuple]]) -> CheckpointError:
     lines = [f"{path}: {what} does not fit the model (strict loading, after renaming):"]
+    bad = list(missing) + list(unexpected) + [key for key, _, _ in shapes]
+    if any(set(key.split(".")[:2]) & set(LAYER_NAMES) for key in bad):   # layerN.* or <part>.layerN.*
+        lines.append("  the backbone layers (layer0..layer4) differ: the file was made for another backbone "
+                     "(model.backbone: vgg16_bn | resnet50 | resnet101) or backbone size (model.backbone_width, "
+                     "model.backbone_blocks); use the config the weights were trained with")
     if missing:
         lines += _format_groups("missing (in the model, not in the file)", missing, expected)
     if unexpected:
@@ -401,7 +406,7 @@ def load_weights(model: nn.Module, path, require_complete: bool = False) -> Load
         report = _load_official(model, {"state_dict": obj["model"]}, path)
         report.format = FORMAT_VERSION + " (stage base, as a PSPNet)"
     elif isinstance(obj, Mapping) and "format" in obj:
-        report = _load_ours(model, obj, path)
+        report = _load_ours_explained(model, obj, path)
     else:
         report = _load_official(model, obj, path)
     if require_complete:
@@ -447,6 +452,29 @@ def _route_ours(model: nn.Module, stage, path: Path) -> Tuple[str, nn.Module]:
         return "rspg", model.rspg
     raise CheckpointError(f"{path}: a checkpoint of stage '{stage}' (a {STAGE_MODELS[stage].__name__}) "
                           f"does not load into a {type(model).__name__}")
+
+
+def _backbone_note(model: nn.Module, ckpt: Mapping) -> Optional[str]:
+    """When our checkpoint's saved config names another backbone than ``model``'s, say so."""
+    config = ckpt.get("config")
+    trained = config.get("model", {}).get("backbone") if isinstance(config, Mapping) else None
+    built = getattr(model, "backbone_name", None) or getattr(getattr(model, "rspg", None), "backbone_name", None)
+    if trained and built and trained != built:
+        return (f"this checkpoint was trained with model.backbone={trained} (its saved config), but the model "
+                f"here is built with model.backbone={built}: use the config the checkpoint was trained with")
+    return None
+
+
+def _load_ours_explained(model: nn.Module, ckpt: Mapping, path: Path) -> LoadReport:
+    """:func:`_load_ours`; its errors always start with ``path`` (also when a frozen part it
+    references fails) and name a backbone that differs from the one the checkpoint was trained with."""
+    try:
+        return _load_ours(model, ckpt, path)
+    except CheckpointError as err:
+        note = _backbone_note(model, ckpt)
+        if note is None and str(err).startswith(f"{path}:"):
+            raise
+        raise CheckpointError(f"{path}: {note or 'a frozen part it references does not load'}\n{err}") from None
 
 
 def _load_ours(model: nn.Module, ckpt: Mapping, path: Path) -> LoadReport:

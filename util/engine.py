@@ -337,7 +337,14 @@ def test(cfg: Mapping, *, runner=None, progress: bool = True) -> dict:
                             log=log.info)
     # one runner (and so one feature cache) for every seed of the protocol
     runner = runner or build_runner(cfg, device=proc.device, log=log.info)
-    results = run_test_protocol(model, cfg, proc=proc, runner=runner, progress=progress, log=log.info)
+    if cfg["vis"] < 0:
+        raise ConfigError(f"vis must be >= 0 (pictures of the first N episodes), got {cfg['vis']}")
+    pictures = None   # vis=N: the first N episodes of the first seed, drawn by rank 0 (see util/vis.py)
+    if cfg["vis"] and proc.is_main:
+        from util.vis import episode_pictures_factory
+        pictures = episode_pictures_factory(cfg, out_dir=out_dir / "vis", num_episodes=cfg["vis"])
+    results = run_test_protocol(model, cfg, proc=proc, runner=runner, progress=progress, log=log.info,
+                                on_batch_factory=pictures)
     results["weights"] = str(cfg["weights"])
     counts = all_reduce_counts(runner.stats, proc.device)
     results.update(encoder_calls=counts["encoder_calls"], cache_hits=counts["cache_hits"], cache_counts=counts)
@@ -350,5 +357,10 @@ def test(cfg: Mapping, *, runner=None, progress: bool = True) -> dict:
         tmp.write_text(json.dumps(results, indent=2))
         os.replace(tmp, out_dir / "results.json")
         log.info(f"results: {out_dir / 'results.json'}")
+        if cfg["vis"]:
+            from util.vis import write_class_iou_chart
+            chart = write_class_iou_chart(results, out_dir / "class_iou.png")
+            log.info(f"pictures: {out_dir / 'vis'} (first {cfg['vis']} episodes of seed {cfg['eval']['seeds'][0]}), "
+                     f"per-class IoU chart: {chart}")
     results["output_dir"] = str(out_dir)
     return results
