@@ -59,7 +59,8 @@ def test_checkpoints_hold_no_frozen_weights(pipeline):
     bam = read_checkpoint(work / "bam" / "best.pth")
     assert bam["frozen"][0]["prefix"] == "" and bam["frozen"][0]["path"].endswith("base/best.pth")
     assert not any(k.startswith(("layer", "learner_base")) for k in bam["model"])
-    assert {"optimizer", "train_state", "rng", "config"} <= set(bam)
+    assert {"train_state", "config"} <= set(bam) and "optimizer" not in bam     # best.pth: for inference
+    assert {"optimizer", "train_state", "rng", "config"} <= set(read_checkpoint(work / "bam" / "last.pth"))
     sam_rsp = read_checkpoint(work / "sam_rsp" / "best.pth")
     assert [e["prefix"] for e in sam_rsp["frozen"]] == ["rspg."]
     assert not any(k.startswith("rspg.") for k in sam_rsp["model"])
@@ -191,3 +192,13 @@ def test_two_process_training_keeps_ranks_identical(pipeline, toy_root, tmp_path
     assert digests[0]["step"] == digests[1]["step"] == 3
     assert digests[0]["weights"] == digests[1]["weights"]
     assert digests[0]["weights"] != digests[0]["initial"]     # the weights did change
+
+
+def test_resuming_from_best_pth_is_a_clear_error(pipeline, toy_root, tmp_path):
+    from util.config import ConfigError
+    from util.engine import train
+    work, _ = pipeline
+    cfg = toy_cfg(toy_root, work, tmp_path / "again", "train.stage=bam", f"resume={work / 'bam' / 'best.pth'}",
+                  f"model.base_learner.checkpoint={work / 'base' / 'best.pth'}")
+    with pytest.raises(ConfigError, match="resume from the run's last.pth"):
+        train(cfg)

@@ -35,6 +35,7 @@ from util.config import PROJECT_ROOT, ConfigError, resolve_path, save_config
 from util.dataset import build_base_dataset, build_episodes, build_source
 from util.distributed import ProcessInfo, broadcast_object, init_processes
 from util.evaluation import evaluate_episodes, evaluate_segmentation, make_loader, unwrap
+from util.feature_cache import build_runner, prepare_frozen_encoders
 from util.losses import LOSSES
 
 STAGES = ("base", "bam", "sam_rsp")
@@ -119,16 +120,17 @@ def model_inputs(stage: str, batch: Mapping, device: torch.device, training: boo
     return (batch["query_img"].to(device), batch["support_imgs"].to(device), batch["support_masks"].to(device)), kwargs
 
 
-def validate(model, val_set, cfg: Mapping, stage: str, proc: ProcessInfo, fold) -> dict:
+def validate(model, val_set, cfg: Mapping, stage: str, proc: ProcessInfo, fold, runner=None) -> dict:
     """The selection metric of the stage: base-class mIoU (base) or novel-class mIoU of the
-    final output on the validation episodes (bam, sam_rsp)."""
+    final output on the validation episodes (bam, sam_rsp). ``runner``: the episode runner,
+    whose feature cache keeps the frozen encoders' work on the val queries between validations."""
     workers = cfg["data"]["num_workers"]
     if stage == "base":
         summary = evaluate_segmentation(model, val_set, num_classes=fold.num_base_channels, proc=proc,
                                         batch_size=cfg["eval"]["batch_size"], num_workers=workers)
         return {"miou": summary["miou"]}
     summary = evaluate_episodes(model, val_set, class_ids=fold.novel, proc=proc, batch_size=cfg["eval"]["batch_size"],
-                                num_workers=workers, desc="val")
+                                num_workers=workers, desc="val", runner=runner)
     result = {"miou": summary["final"]["miou"], "fbiou": summary["final"]["fbiou"]}
     if "prompt" in summary:
         result.update(prompt_miou=summary["prompt"]["miou"], prompt_fbiou=summary["prompt"]["fbiou"])
@@ -177,11 +179,15 @@ def train(cfg: Mapping, *, on_step: Callable[[TrainState], None] | None = None) 
     model = build_model(cfg, stage)
     frozen_refs = load_pretrained_parts(model, cfg, stage, log=log.info)
     model.to(proc.device)
+    prepare_frozen_encoders(model, device=proc.device, amp=train_cfg["amp"], compile=False, log=log.info)
     optimizer = torch.optim.SGD(param_groups(model, cfg, stage), lr=0.0, momentum=train_cfg["momentum"],
                                 weight_decay=train_cfg["weight_decay"])
     state = TrainState()
     if resume:
         payload = read_checkpoint(resume)
+        if "optimizer" not in payload or "rng" not in payload:
+            raise ConfigError(f"resume={resume}: this checkpoint has no optimizer/RNG state (best.pth keeps only "
+                              "what inference needs); resume from the run's last.pth")
         restore_training_weights(model, payload, expected_stage=stage, frozen_refs=frozen_refs)
         optimizer.load_state_dict(payload["optimizer"])
         state = TrainState(**payload["train_state"])
@@ -194,6 +200,8 @@ def train(cfg: Mapping, *, on_step: Callable[[TrainState], None] | None = None) 
 
     # -- data ----------------------------------------------------------------------------------
     source, train_set, val_set = build_stage_data(cfg, stage, log.info)
+    # the frozen encoders' work on the val queries is computed at the first validation only
+    val_runner = None if stage == "base" else build_runner(cfg, device=proc.device, log=log.info)
     iters_per_epoch = (len(train_set) // proc.world_size) // batch_size
     if train_cfg["iters_per_epoch"]:
         iters_per_epoch = min(iters_per_epoch, train_cfg["iters_per_epoch"])
@@ -212,15 +220,17 @@ def train(cfg: Mapping, *, on_step: Callable[[TrainState], None] | None = None) 
         log.info(f"skipped queries with none of the fold's classes: train {train_set.skipped_queries}, "
                  f"val {val_set.skipped_queries}")
 
-    def save(name: str) -> None:
+    def save(name: str, resumable: bool = True) -> None:
+        """last.pth carries the optimizer (momentum) to resume; best.pth only what inference needs."""
         if proc.is_main:
-            payload = checkpoint_payload(model, stage=stage, frozen_refs=frozen_refs, optimizer=optimizer,
-                                         train_state=asdict(state), rng=capture_rng_state(), config=cfg)
+            payload = checkpoint_payload(model, stage=stage, frozen_refs=frozen_refs,
+                                         optimizer=optimizer if resumable else None, train_state=asdict(state),
+                                         rng=capture_rng_state() if resumable else None, config=cfg)
             save_checkpoint(payload, run_dir / name)
 
     def run_validation(epoch_position: float) -> bool:
         """Validate; keep the best checkpoint. True when the metric improved."""
-        metrics = validate(net, val_set, cfg, stage, proc, source.fold)
+        metrics = validate(net, val_set, cfg, stage, proc, source.fold, runner=val_runner)
         state.history.append({"epoch": epoch_position, "step": state.global_step, **metrics})
         improved = metrics["miou"] > state.best_metric
         log.info("validation at epoch {:.1f}: mIoU {:.2f}{}{}".format(
@@ -232,7 +242,7 @@ def train(cfg: Mapping, *, on_step: Callable[[TrainState], None] | None = None) 
         if improved:
             state.best_metric, state.best_epoch = metrics["miou"], epoch_position
             if train_cfg["select"] == "best":
-                save("best.pth")
+                save("best.pth", resumable=False)
                 log.info(f"best so far: saved best.pth (mIoU {100 * state.best_metric:.2f})")
         return improved
 
@@ -316,7 +326,7 @@ def test(cfg: Mapping, *, runner=None, progress: bool = True) -> dict:
     """Evaluate ``cfg.weights`` with the test protocol; prints the tables and writes results.json."""
     from util.checkpoint import load_weights
     from util.evaluation import format_results, run_test_protocol
-    from util.feature_cache import all_reduce_counts, build_runner, prepare_frozen_encoders
+    from util.feature_cache import all_reduce_counts
 
     if not cfg["weights"]:
         raise ConfigError("test.py needs weights=PATH: a checkpoint of this project (best.pth / last.pth of a "
