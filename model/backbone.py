@@ -33,6 +33,15 @@ import torch.nn as nn
 LAYER_NAMES: Tuple[str, ...] = ("layer0", "layer1", "layer2", "layer3", "layer4")
 
 
+def run_layers(owner: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
+    """``owner.layer0..layer4`` applied in turn: Bx3xHxW -> the five outputs."""
+    feats = []
+    for name in LAYER_NAMES:
+        x = getattr(owner, name)(x)
+        feats.append(x)
+    return feats
+
+
 class Bottleneck(nn.Module):
     """ResNet bottleneck (expansion 4) with an optional dilation on its 3x3 conv.
 
@@ -113,11 +122,7 @@ class ResNetBackbone(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        feats = []
-        for name in LAYER_NAMES:
-            x = getattr(self, name)(x)
-            feats.append(x)
-        return feats
+        return run_layers(self, x)
 
 
 # torchvision's VGG16 configuration "D"; "M" = max-pool.
@@ -156,11 +161,7 @@ class VGGBackbone(nn.Module):
             "layer0": c(64), "layer1": c(128), "layer2": c(256), "layer3": c(512), "layer4": c(512)}
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        feats = []
-        for name in LAYER_NAMES:
-            x = getattr(self, name)(x)
-            feats.append(x)
-        return feats
+        return run_layers(self, x)
 
 
 RESNET_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}

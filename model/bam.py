@@ -18,8 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .aspp import ASPP
-from .backbone import LAYER_NAMES, adopt_backbone_layers, build_backbone
-from .common import batchnorm_eval, freeze, min_max_per_image, one_image_at_a_time, output_size, resize
+from .backbone import LAYER_NAMES, adopt_backbone_layers, build_backbone, run_layers
+from .common import (batchnorm_eval, freeze, min_max_per_image, one_image_at_a_time, output_size, resize,
+                     residual_convs, two_class_head)
 from .pspnet import PPM, make_cls_head
 
 COSINE_EPS = 1e-7
@@ -129,12 +130,8 @@ class BAM(nn.Module):
         self.ASPP_meta = ASPP(channels=reduce_dim)
         self.res1_meta = nn.Sequential(
             nn.Conv2d(reduce_dim * 5, reduce_dim, kernel_size=1, bias=False), nn.ReLU(inplace=True))
-        self.res2_meta = nn.Sequential(
-            nn.Conv2d(reduce_dim, reduce_dim, kernel_size=3, padding=1, bias=False), nn.ReLU(inplace=True),
-            nn.Conv2d(reduce_dim, reduce_dim, kernel_size=3, padding=1, bias=False), nn.ReLU(inplace=True))
-        self.cls_meta = nn.Sequential(
-            nn.Conv2d(reduce_dim, reduce_dim, kernel_size=3, padding=1, bias=False), nn.ReLU(inplace=True),
-            nn.Dropout2d(p=0.1), nn.Conv2d(reduce_dim, 2, kernel_size=1))
+        self.res2_meta = residual_convs(reduce_dim)
+        self.cls_meta = two_class_head(reduce_dim)
 
         self.gram_merge = nn.Conv2d(2, 1, kernel_size=1, bias=False)
         self.cls_merge = nn.Conv2d(2, 1, kernel_size=1, bias=False)
@@ -173,18 +170,11 @@ class BAM(nn.Module):
         return self._query_features(query_img)
 
     def _query_features(self, query_img: torch.Tensor) -> Dict[str, torch.Tensor]:
-        feats = dict(zip(LAYER_NAMES, self._backbone(query_img)))
+        feats = dict(zip(LAYER_NAMES, run_layers(self, query_img)))
         if self.is_vgg:
             feats["layer2"] = resize(feats["layer2"], feats["layer3"].shape[-2:])
         keep = {"layer2", "layer3", "layer4", self.low_feature}
         return {k: v for k, v in feats.items() if k in keep}
-
-    def _backbone(self, x: torch.Tensor):
-        feats = []
-        for name in LAYER_NAMES:
-            x = getattr(self, name)(x)
-            feats.append(x)
-        return feats
 
     @torch.no_grad()
     def extract_support_features(self, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> Dict[str, torch.Tensor]:

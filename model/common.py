@@ -48,6 +48,24 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def residual_convs(channels: int) -> nn.Sequential:
+    """[Conv3x3 (no bias), ReLU] x 2 at ``channels``: BAM's ``res2_meta`` and SAM-RSP's ``res2``
+    (state-dict keys ``0.weight``, ``2.weight``); the caller adds the residual."""
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False), nn.ReLU(inplace=True),
+        nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False), nn.ReLU(inplace=True))
+
+
+def two_class_head(channels: int, hidden: int | None = None) -> nn.Sequential:
+    """Conv3x3 (no bias) -> ReLU -> Dropout2d(0.1) -> Conv1x1 to 2 classes (with bias): BAM's
+    ``cls_meta``, SAM-RSP's ``cls`` (hidden = channels) and side heads ``inner_cls`` (keys
+    ``0.weight``, ``3.weight``, ``3.bias``)."""
+    hidden = channels if hidden is None else hidden
+    return nn.Sequential(
+        nn.Conv2d(channels, hidden, kernel_size=3, padding=1, bias=False), nn.ReLU(inplace=True),
+        nn.Dropout2d(p=0.1), nn.Conv2d(hidden, 2, kernel_size=1))
+
+
 def batchnorm_eval(module: nn.Module) -> None:
     """Put every BatchNorm layer inside ``module`` in eval mode (running statistics used, not updated)."""
     for m in module.modules():

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Block
 
-from .common import diff_map
+from .common import diff_map, residual_convs, two_class_head
 
 SIDE_HEADS = ("input", "output")
 
@@ -78,19 +78,12 @@ class SAMRSPDecoder(nn.Module):
                   act_layer=nn.GELU, use_rel_pos=True, rel_pos_zero_init=True, window_size=window_size,
                   input_size=(grid_size, grid_size))
             for _ in range(depth)])
-        self.inner_cls = nn.ModuleList([
-            nn.Sequential(nn.Conv2d(c, inner_dim, kernel_size=3, padding=1, bias=False), nn.ReLU(inplace=True),
-                          nn.Dropout2d(p=0.1), nn.Conv2d(inner_dim, 2, kernel_size=1))
-            for _ in range(depth - 1)])
+        self.inner_cls = nn.ModuleList([two_class_head(c, hidden=inner_dim) for _ in range(depth - 1)])
         self.beta_conv = nn.ModuleList([
             nn.Sequential(nn.Conv2d(c + 3, c, kernel_size=1, bias=False), nn.ReLU(inplace=True))
             for _ in range(depth - 1)])
-        self.res2 = nn.Sequential(
-            nn.Conv2d(c, c, kernel_size=3, padding=1, bias=False), nn.ReLU(inplace=True),
-            nn.Conv2d(c, c, kernel_size=3, padding=1, bias=False), nn.ReLU(inplace=True))
-        self.cls = nn.Sequential(
-            nn.Conv2d(c, c, kernel_size=3, padding=1, bias=False), nn.ReLU(inplace=True),
-            nn.Dropout2d(p=0.1), nn.Conv2d(c, 2, kernel_size=1))
+        self.res2 = residual_convs(c)
+        self.cls = two_class_head(c)
 
     def forward(self, image_embedding: torch.Tensor, prompt: torch.Tensor) -> Dict[str, object]:
         prompt_diff = diff_map(prompt)

@@ -10,7 +10,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .backbone import adopt_backbone_layers, build_backbone
+from .backbone import adopt_backbone_layers, build_backbone, run_layers
 from .common import output_size, resize
 
 
@@ -64,8 +64,5 @@ class PSPNet(nn.Module):
 
     def forward(self, img: torch.Tensor) -> Dict[str, torch.Tensor]:
         size = output_size(img.shape[-2], img.shape[-1])
-        x = img
-        for layer in (self.layer0, self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-        logits = self.cls(self.ppm(x))
+        logits = self.cls(self.ppm(run_layers(self, img)[-1]))
         return {"logits": resize(logits, size)}
