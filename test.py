@@ -9,30 +9,16 @@ resolution; mIoU (class-wise) and FB-IoU of the RSP and of the final output, mea
 seeds, every seed, per-class IoU, and the all-foreground baseline. Written to stdout and to
 <output_dir>/results.json. ``vis=N`` draws the first N episodes of the first seed.
 """
-import argparse
 import sys
 
-from util.config import ConfigError, load_config
-from util.io import DataError
+from util.cli import run_config_command
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="weights=PATH and dotted key=value overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
+    def command(cfg):
         from util.engine import test
         test(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        from util.distributed import close_processes
-        close_processes()
-    return 0
+    return run_config_command(argv, __doc__, command)
 
 
 if __name__ == "__main__":

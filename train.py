@@ -7,31 +7,16 @@
 The stage (``train.stage``: base | bam | sam_rsp), its data, loss and trainable parameters are
 chosen by the config; see util/engine.py. ``resume=PATH`` or ``resume=auto`` continues a run.
 """
-import argparse
 import sys
 
-from util.config import ConfigError, load_config
-from util.io import DataError
+from util.cli import run_config_command
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.sam_rsp.lr=0.005")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
+    def command(cfg):
         from util.engine import train
-        summary = train(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        from util.distributed import close_processes
-        close_processes()
-    print(f"checkpoint: {summary['checkpoint']}")
-    return 0
+        print(f"checkpoint: {train(cfg)['checkpoint']}")
+    return run_config_command(argv, __doc__, command)
 
 
 if __name__ == "__main__":
