@@ -3,7 +3,10 @@
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ] && [ -z "${VIRTUAL_ENV:-}" ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-NPROC=${NPROC:-1}
+# NPROC: processes (one per GPU) for torchrun; default: the number of visible CUDA GPUs (1 on CPU).
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$("$PYTHON" -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
+fi
 
 run_python() {   # run_python SCRIPT ARGS...: plain python, or torchrun with $NPROC processes
   if [ "$NPROC" -gt 1 ]; then
