@@ -161,10 +161,11 @@ def worker_eval(cfg, variant: str, args) -> dict:
     result["episode_s"] = timed(episode, repeat=args.episodes, warmup=args.warmup, sync=sync)
     _err(f"[{variant}] eval episode: median {result['episode_s']['median']:.3f} s")
     with torch.no_grad():
-        result["sam_call_s"] = timed(lambda: model.embed_query(query), repeat=args.episodes, warmup=0, sync=sync)
+        result["sam_call_s"] = timed(lambda: model.embed_query(query), repeat=args.episodes, warmup=args.warmup,
+                                     sync=sync)
         embedding = model.embed_query(query)
-        result["cached_episode_s"] = timed(
-            lambda: model(query, supports, masks, query_embedding=embedding), repeat=args.episodes, warmup=0, sync=sync)
+        result["cached_episode_s"] = timed(lambda: model(query, supports, masks, query_embedding=embedding),
+                                           repeat=args.episodes, warmup=args.warmup, sync=sync)
     result["embedding_bytes"] = embedding[0].numel() * embedding.element_size()
     result["max_rss_mb"] = max_rss_mb()
     result["cuda_max_allocated_mb"] = _cuda_peak_mb(device)
