@@ -212,7 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
     from tqdm import tqdm
-    from util.vis import write_bytes_atomic
+    from util.atomic import write_bytes_atomic
     written = 0
     try:
         for path in tqdm(queries, desc="predict", unit="query", dynamic_ncols=True):

@@ -355,7 +355,7 @@ def test_training_payload_round_trip(tmp_path):
     payload = checkpoint_payload(source, stage="bam", frozen_refs=refs, optimizer=optimizer,
                                  train_state={"epoch": 2}, rng=capture_rng_state(), config=cfg)
     path = save_checkpoint(payload, tmp_path / "run" / "last.pth")
-    assert not (tmp_path / "run" / "last.pth.tmp").exists()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["last.pth"]   # no temporary left behind
     back = read_checkpoint(path)                        # weights_only=True inside
     assert back["frozen"] == [{"prefix": "", "path": str(tmp_path / "best_psp.pth"),
                                "sha256": sha256_file(tmp_path / "best_psp.pth")}]

@@ -150,6 +150,18 @@ def test_regeneration_removes_stale_files_and_meta_marks_completion(tmp_path):
     assert not is_complete_toy(root, num_train=3, num_val=2, seed=0)
 
 
+def test_temporaries_of_an_interrupted_write_are_toy_files_and_get_removed(tmp_path):
+    from util.atomic import temporary_name
+    root = tmp_path / "toy"
+    generate_toy(root, num_train=3, num_val=2, seed=0, workers=1, progress=False)
+    leftover = temporary_name(root / "JPEGImages" / "toy_train_000001.jpg", ".part")
+    leftover.write_bytes(b"half a jpeg")                  # what a killed worker leaves
+    (root / "toy_meta.json").unlink()
+    generate_toy(root, num_train=3, num_val=2, seed=0, workers=1, progress=False)   # not "foreign"
+    assert not leftover.exists() and not list(root.rglob("*.part"))
+    assert is_complete_toy(root, num_train=3, num_val=2, seed=0)
+
+
 def test_run_skips_complete_set_unless_forced(tmp_path, capsys):
     root = tmp_path / "toy"
     parser = argparse.ArgumentParser()

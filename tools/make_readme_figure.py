@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     from model import build_model
     from util.predictor import Predictor
     from util.vis import (STRIP_COLOUR, SUPPORT_COLOUR, TEXT_COLOUR, captioned, hstack, nway_overlay, overlay_mask,
-                          resize_to_height, text_strip, voc_palette, vstack, write_bytes_atomic)
+                          resize_to_height, text_strip, voc_palette, vstack)
+    from util.atomic import write_bytes_atomic
 
     cfg = load_config(args.config, args.overrides)
     if args.random_init:

@@ -47,7 +47,6 @@ goes to its ``rspg``.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import sys
 from collections import defaultdict
@@ -65,6 +64,7 @@ from model.bam import BAM
 from model.pspnet import PSPNet
 from model.sam_encoder import SAM_CHECKPOINT_NAMES
 from model.sam_rsp import SAMRSP
+from util.atomic import write_atomic
 from util.config import PROJECT_ROOT, resolve_path
 
 FORMAT_VERSION = "sam-rsp/1"
@@ -684,12 +684,7 @@ def checkpoint_payload(model: nn.Module, *, stage: str, frozen_refs: Iterable = 
 
 def save_checkpoint(payload: Mapping, path) -> Path:
     """Write ``payload`` atomically (a temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(dict(payload), tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: torch.save(dict(payload), tmp))
 
 
 def read_checkpoint(path) -> Dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from util.atomic import write_atomic
 from util.io import DataError
 
 SPLITS = ("train2014", "val2014")
@@ -58,9 +58,8 @@ def _write_one(image_id: int, coco, categories, out_dir: Path, force: bool) -> i
     path = out_dir / (Path(info["file_name"]).stem + ".png")
     if path.is_file() and not force:
         return 0
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(render_mask(coco, image_id, categories), mode="L").save(tmp)
-    os.replace(tmp, path)
+    mask = Image.fromarray(render_mask(coco, image_id, categories), mode="L")
+    write_atomic(path, lambda tmp: mask.save(tmp, format="PNG"))
     return 1
 
 

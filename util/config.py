@@ -25,6 +25,8 @@ import re
 
 import yaml
 
+from util.atomic import write_text_atomic
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = PROJECT_ROOT / "config" / "base.yaml"
 
@@ -226,13 +228,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
 
 def save_config(cfg: Mapping, path: str | os.PathLike) -> None:
     """Write the effective configuration as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tree = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(tree, f, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(tree, sort_keys=False, default_flow_style=None))
 
 
 def resolve_path(value: str, cfg: Mapping | None = None) -> Path:

@@ -52,10 +52,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import struct
-import uuid
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -66,6 +64,7 @@ import torch.nn as nn
 from model.attention import SDPAAttention
 from model.bam import BAM
 from model.sam_rsp import SAMRSP
+from util.atomic import write_atomic
 from util.config import ConfigError, resolve_path
 from util.evaluation import EpisodeRunner, episode_inputs
 
@@ -128,17 +127,14 @@ def write_entry(path: Path, *, key: Mapping, entry: Entry) -> None:
               "tensors": [{"name": n, "dtype": str(entry[n].dtype).replace("torch.", ""),
                            "shape": list(entry[n].shape), "nbytes": len(b)} for n, b in zip(names, blobs)]}
     header_bytes = json.dumps(header, sort_keys=True).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(MAGIC + struct.pack("<Q", len(header_bytes)) + header_bytes)
             for blob in blobs:
                 f.write(blob)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    write_atomic(path, write)
 
 
 def read_header(path: Path) -> Dict[str, object]:

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from util.atomic import write_text_atomic
 from util.folds import Fold
 from util.io import DataError, read_mask
 
@@ -110,10 +111,8 @@ def class_pixel_counts(pairs: Sequence[tuple[str, str]], root: Path, cache_file:
         counts = list(tqdm(iterator, total=len(pairs), desc=f"scanning masks ({root})", disable=not progress,
                            leave=False))
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "counts": [{str(c): n for c, n in d.items()} for d in counts]}))
-        os.replace(tmp, cache_file)
+        write_text_atomic(cache_file, json.dumps({"key": key,
+                                                  "counts": [{str(c): n for c, n in d.items()} for d in counts]}))
     return [ImageEntry(img, msk, d) for (img, msk), d in zip(pairs, counts)]
 
 
@@ -210,10 +209,7 @@ def coco_pair_lists(root: Path) -> dict[str, list[tuple[str, str]]]:
 
 
 def write_pair_list(pairs: Sequence[tuple[str, str]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(f"{img} {msk}\n" for img, msk in pairs))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(f"{img} {msk}\n" for img, msk in pairs))
 
 
 def add_arguments(parser) -> None:

@@ -48,6 +48,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from util.atomic import write_atomic, write_text_atomic
+
 GENERATOR_VERSION = 1          # bump whenever the pictures change, so old sets are regenerated
 META_FILE = "toy_meta.json"
 IMAGE_DIR = "JPEGImages"
@@ -62,7 +64,8 @@ OBJECT_FRACTION_RANGE = (0.04, 0.16)       # target area of one object / image a
 REPORT_MIN_PIXELS = 128                    # the toy config's data.min_class_pixels; only reported
 JPEG_QUALITY = 95
 MAX_IMAGES_PER_SPLIT = 999_999             # ids have six digits
-_FILE_PATTERN = re.compile(r"^toy_(train|val)_\d{6}\.(jpg|png)(\.part)?$")
+# a toy image or mask, or the temporary of an interrupted write of one (util.atomic.temporary_name)
+_FILE_PATTERN = re.compile(r"^(toy_(train|val)_\d{6}\.(jpg|png)|\.toy_(train|val)_\d{6}\.(jpg|png)\.\d+\.[0-9a-f]{8}\.part)$")
 
 
 @dataclass(frozen=True)
@@ -381,14 +384,12 @@ def _image_id(split: str, index: int) -> str:
 
 
 def _replace_with(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through ``write(tmp_path)`` then rename, so a file either is complete or is absent."""
-    partial = path.with_name(path.name + ".part")
-    write(partial)
-    os.replace(partial, path)
+    """Write atomically; a killed run leaves at most a ``.part`` temporary, which the next run removes."""
+    write_atomic(path, write, suffix=".part")
 
 
 def _write_text(path: Path, lines: Iterable[str]) -> None:
-    _replace_with(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8"))
+    write_text_atomic(path, "".join(f"{line}\n" for line in lines))
 
 
 def _render_and_write(task: tuple[str, int, str, int, int]) -> dict:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from util.atomic import write_bytes_atomic
 from util.metrics import predict_at_original_resolution
 from util.transforms import resized_hw
 
@@ -48,21 +49,6 @@ FONT = cv2.FONT_HERSHEY_SIMPLEX
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
 
 def encode_png(image: np.ndarray) -> bytes:
     """PNG bytes of a grayscale H x W or RGB H x W x 3 uint8 array."""
