@@ -16,25 +16,23 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model import build_model
+from util.atomic import write_text_atomic
 from util.checkpoint import (capture_rng_state, checkpoint_payload, load_pretrained_parts, read_checkpoint,
                              restore_rng_state, restore_training_weights, save_checkpoint)
 from util.config import PROJECT_ROOT, ConfigError, resolve_path, save_config
 from util.dataset import build_base_dataset, build_episodes, build_source
 from util.distributed import ProcessInfo, broadcast_object, init_processes
-from util.evaluation import evaluate_episodes, evaluate_segmentation, make_loader, unwrap
+from util.evaluation import evaluate_episodes, evaluate_segmentation, make_loader
 from util.feature_cache import build_runner, prepare_frozen_encoders
 from util.losses import LOSSES
 
@@ -113,11 +111,11 @@ def build_stage_data(cfg: Mapping, stage: str, log: Callable[[str], None]):
     return source, train_set, val_set
 
 
-def model_inputs(stage: str, batch: Mapping, device: torch.device, training: bool) -> tuple[tuple, dict]:
+def training_inputs(stage: str, batch: Mapping) -> tuple[tuple, dict]:
+    """The model's arguments for a training batch (already on the device)."""
     if stage == "base":
-        return (batch["image"].to(device),), {}
-    kwargs = {"class_ids": batch["class_base_channel"].to(device)} if training else {}
-    return (batch["query_img"].to(device), batch["support_imgs"].to(device), batch["support_masks"].to(device)), kwargs
+        return (batch["image"],), {}
+    return (batch["query_img"], batch["support_imgs"], batch["support_masks"]), {"class_ids": batch["class_base_channel"]}
 
 
 def validate(model, val_set, cfg: Mapping, stage: str, proc: ProcessInfo, fold, runner=None) -> dict:
@@ -264,14 +262,15 @@ def train(cfg: Mapping, *, on_step: Callable[[TrainState], None] | None = None) 
             for group, lr in zip(optimizer.param_groups, lrs):
                 group["lr"] = lr
             batch = _to_device(batch, proc.device)
-            args, kwargs = model_inputs(stage, batch, proc.device, training=True)
+            args, kwargs = training_inputs(stage, batch)
             outputs = net(*args, **kwargs)
             loss, parts = loss_fn(outputs, batch, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             state.step_in_epoch += 1
-            state.epoch_loss_sum += float(parts["loss"])
+            loss_value = float(parts["loss"])
+            state.epoch_loss_sum += loss_value
             bar.update(1)
             if state.global_step % train_cfg["log_every"] == 0 or state.step_in_epoch == iters_per_epoch:
                 values = {k: float(v) for k, v in parts.items()}
@@ -281,8 +280,8 @@ def train(cfg: Mapping, *, on_step: Callable[[TrainState], None] | None = None) 
                     for key, value in values.items():
                         writer.add_scalar(f"train/{key}", value, state.global_step)
                     writer.add_scalar("train/lr", lrs[-1], state.global_step)
-            if not math.isfinite(float(parts["loss"])):
-                raise FloatingPointError(f"stage {stage}: loss is {float(loss)} at step {state.global_step}")
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"stage {stage}: loss is {loss_value} at step {state.global_step}")
             if state.step_in_epoch in val_points:
                 state.improved_in_epoch |= run_validation(epoch + state.step_in_epoch / iters_per_epoch)
             if state.step_in_epoch == iters_per_epoch:
@@ -308,9 +307,7 @@ def train(cfg: Mapping, *, on_step: Callable[[TrainState], None] | None = None) 
                "history": state.history,
                "checkpoint": str(run_dir / ("best.pth" if train_cfg["select"] == "best" else "last.pth"))}
     if proc.is_main:
-        tmp = run_dir / "results.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, run_dir / "results.json")
+        write_text_atomic(run_dir / "results.json", json.dumps(summary, indent=2))
         log.info(f"done: {summary['checkpoint']}" + (f" (best mIoU {100 * state.best_metric:.2f} at epoch "
                                                     f"{state.best_epoch:g})" if train_cfg['select'] == 'best' else ""))
     if writer:
@@ -363,9 +360,7 @@ def test(cfg: Mapping, *, runner=None, progress: bool = True) -> dict:
                 if len(counts) > 2 else ""))
     if proc.is_main:
         log.info("\n" + format_results(results))
-        tmp = out_dir / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, out_dir / "results.json")
+        write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2))
         log.info(f"results: {out_dir / 'results.json'}")
         if cfg["vis"]:
             from util.vis import write_class_iou_chart
