@@ -113,16 +113,20 @@ class SegmentationMeter:
         return {"miou": float(iou[1:].mean()), "class_iou": {c: float(iou[c]) for c in range(self.num_classes)}}
 
 
+def upsample_to_original_square(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """N x C x h' x w' logits -> N x C x S x S, S = max(h, w) of the original size (h, w): bilinear,
+    align_corners, as the original's "ori_resize" scoring (SPEC 3.4). The image sits in the
+    top-left h x w corner of the square."""
+    side = max(size)
+    return F.interpolate(logits.float(), size=(side, side), mode="bilinear", align_corners=True)
+
+
 def predict_at_original_resolution(logits: torch.Tensor, ori_sizes: torch.Tensor) -> list[torch.Tensor]:
     """Original-resolution scoring ("ori_resize", SPEC 3.4): each sample's Bx2xhxw logits are
-    upsampled (bilinear, align_corners) to a square of side max(h, w) of ITS original size and
-    arg-maxed. The original assumes batch size 1; this is the same per sample."""
-    preds = []
-    for sample_logits, (h, w) in zip(logits, ori_sizes.tolist()):
-        side = max(h, w)
-        up = F.interpolate(sample_logits[None].float(), size=(side, side), mode="bilinear", align_corners=True)
-        preds.append(up.argmax(1)[0])
-    return preds
+    upsampled to a square of side max(h, w) of ITS original size and arg-maxed. The original
+    assumes batch size 1; this is the same per sample."""
+    return [upsample_to_original_square(sample_logits[None], (h, w)).argmax(1)[0]
+            for sample_logits, (h, w) in zip(logits, ori_sizes.tolist())]
 
 
 def crop_targets(labels: torch.Tensor, ori_sizes: torch.Tensor) -> list[torch.Tensor]:

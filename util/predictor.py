@@ -31,12 +31,11 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model import SAMRSP, build_model
 from util.config import Config, load_config, resolve_path
 from util.distributed import resolve_device
-from util.metrics import predict_at_original_resolution
+from util.metrics import predict_at_original_resolution, upsample_to_original_square
 from util.transforms import resized_hw, val_transform
 
 DEFAULT_CLASS = "object"
@@ -182,9 +181,7 @@ def probability_at_original_resolution(logits: torch.Tensor, size: tuple[int, in
     logits upsampled (bilinear, align_corners) to the square of side max(h, w), soft-maxed over
     the 2 channels, cropped to h x w -> float32 H x W numpy array."""
     h, w = size
-    side = max(h, w)
-    up = F.interpolate(logits[:1].float(), size=(side, side), mode="bilinear", align_corners=True)
-    return up.softmax(1)[0, 1, :h, :w].cpu().numpy()
+    return upsample_to_original_square(logits[:1], size).softmax(1)[0, 1, :h, :w].cpu().numpy()
 
 
 class Predictor:
