@@ -1,5 +1,5 @@
-"""SAM-RSP models: the PSPNet base learner (stage ``base``), BAM (stage ``bam``) and SAM-RSP
-(stage ``sam_rsp``).
+"""The models of every stage: the PSPNet base learner (``base``), BAM (``bam``), SAM-RSP
+(``sam_rsp``, over a BAM or an SCCAN prompt generator: ``model.rspg.type``) and SCCAN (``sccan``).
 
 ``build_model(cfg)`` builds the model of ``cfg.train.stage`` from the ``model`` and ``data``
 config sections; it reads no file. Weights are loaded afterwards with
@@ -22,7 +22,7 @@ from .sam_rsp import SAMRSP
 __all__ = [
     "BAM", "BUILDERS", "PPM", "PSPNet", "ResNetBackbone", "SAMRSP", "SAMRSPDecoder", "SAM_CHECKPOINT_NAMES",
     "SAM_ENCODER_SPECS", "SDPAAttention", "VGGBackbone", "build_backbone", "build_bam", "build_model",
-    "build_pspnet", "build_sam_rsp", "build_sam_encoder", "pixel_prototype", "set_attention",
+    "build_pspnet", "build_sam_rsp", "build_sam_encoder", "build_sccan", "pixel_prototype", "set_attention",
 ]
 
 
@@ -61,8 +61,26 @@ def build_bam(cfg: Mapping) -> BAM:
                base_hidden_dim=int(base["hidden_dim"]), base_dropout=float(base["dropout"]))
 
 
+def build_sccan(cfg: Mapping) -> nn.Module:
+    """Stage ``sccan``: SCCAN over a frozen ImageNet ResNet-50/101 (``model.sccan``)."""
+    from .sccan import SCCAN
+    m = cfg["model"]
+    if m["backbone"] not in ("resnet50", "resnet101"):
+        raise ValueError(f"SCCAN has a ResNet-50/101 backbone only (SPEC_SCCAN 0); model.backbone is "
+                         f"{m['backbone']!r}")
+    s = m["sccan"]
+    return SCCAN(**_backbone_kwargs(m), reduce_dim=int(s["reduce_dim"]), depth=int(s["depth"]),
+                 num_heads=int(s["num_heads"]), window_size=int(s["window_size"]), mlp_ratio=float(s["mlp_ratio"]),
+                 grid_size=int(s["grid_size"]))
+
+
+#: model.rspg.type -> the builder of SAM-RSP's prompt generator
+RSP_GENERATORS: Dict[str, Callable[[Mapping], nn.Module]] = {"bam": build_bam, "sccan": build_sccan}
+
+
 def build_sam_rsp(cfg: Mapping) -> SAMRSP:
-    """Stage ``sam_rsp``: frozen BAM + frozen SAM image encoder + the trainable decoder.
+    """Stage ``sam_rsp``: frozen prompt generator (``model.rspg.type``: BAM or SCCAN) + frozen SAM
+    image encoder + the trainable decoder.
 
     ``model.sam.attention`` selects the implementation of every attention layer of the model
     (the encoder's and the decoder's blocks alike; both are numerically equal).
@@ -79,8 +97,12 @@ def build_sam_rsp(cfg: Mapping) -> SAMRSP:
         embed_dim=int(sam["out_chans"]), grid_size=int(sam["img_size"]) // int(sam["patch_size"]),
         depth=int(dec["depth"]), num_heads=int(dec["num_heads"]), window_size=int(dec["window_size"]),
         inner_dim=int(dec["inner_dim"]), side_head=dec["side_head"])
-    model = SAMRSP(rspg=build_bam(cfg), image_encoder=encoder, decoder=decoder,
-                   frozen_train_mode=bool(m["rspg"]["frozen_train_mode"]))
+    kind = m["rspg"]["type"]
+    if kind not in RSP_GENERATORS:
+        raise ValueError(f"model.rspg.type must be one of {', '.join(RSP_GENERATORS)}, got {kind!r}")
+    # SCCAN always runs in eval mode inside SAM-RSP (SPEC_SCCAN 11); the train-mode quirk is BAM's
+    model = SAMRSP(rspg=RSP_GENERATORS[kind](cfg), image_encoder=encoder, decoder=decoder,
+                   frozen_train_mode=bool(m["rspg"]["frozen_train_mode"]) and kind == "bam")
     return set_attention(model, sam["attention"])
 
 
@@ -88,11 +110,12 @@ BUILDERS: Dict[str, Callable[[Mapping], nn.Module]] = {
     "base": build_pspnet,
     "bam": build_bam,
     "sam_rsp": build_sam_rsp,
+    "sccan": build_sccan,
 }
 
 
 def build_model(cfg: Mapping, stage: Optional[str] = None) -> nn.Module:
-    """The model of ``stage`` (default ``cfg.train.stage``): ``base`` | ``bam`` | ``sam_rsp``."""
+    """The model of ``stage`` (default ``cfg.train.stage``): ``base`` | ``bam`` | ``sam_rsp`` | ``sccan``."""
     stage = stage or cfg["train"]["stage"]
     if stage not in BUILDERS:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(BUILDERS)}")

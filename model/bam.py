@@ -257,6 +257,14 @@ class BAM(nn.Module):
         return {"logits": resize(final_out, size), "meta_logits": resize(meta_out, size),
                 "base_logits": resize(base_out, size)}
 
+    def prompt(self, query_img: torch.Tensor, support_imgs: Optional[torch.Tensor],
+               support_masks: Optional[torch.Tensor], *, class_ids: Optional[torch.Tensor] = None,
+               query_feats: Optional[Dict[str, torch.Tensor]] = None,
+               support_feats: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """SAM-RSP's rough segmentation prompt: ``final_out``, B x 2 x H x W (SPEC 1 step 1)."""
+        return self(query_img, support_imgs, support_masks, class_ids=class_ids, query_feats=query_feats,
+                    support_feats=support_feats)["logits"]
+
     def shot_weights(self, est_total: torch.Tensor) -> torch.Tensor:
         """K-shot weights from the Gram estimates: B x K x 1 x 1 -> B x K x 1 x 1 (softmax over K).
 

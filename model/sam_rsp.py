@@ -1,5 +1,9 @@
-"""SAM-RSP: a frozen BAM (the rough-segmentation-prompt generator), a frozen SAM image encoder
-and the trainable :class:`~model.decoder.SAMRSPDecoder` (SPEC 1).
+"""SAM-RSP: a frozen rough-segmentation-prompt generator (BAM, SPEC 2, or SCCAN, SPEC_SCCAN 11),
+a frozen SAM image encoder and the trainable :class:`~model.decoder.SAMRSPDecoder` (SPEC 1).
+
+The generator is any module with ``prompt(query_img, support_imgs, support_masks, *, class_ids,
+query_feats, support_feats) -> B x 2 x H x W`` (BAM: its ``final_out``; SCCAN: ``softmax(meta_out)``)
+and ``extract_query_features`` / ``extract_support_features``.
 
 The frozen parts can be computed separately and reused (e.g. across episodes that share a query
 image): :meth:`SAMRSP.embed_query` gives the SAM embedding and ``rspg.extract_query_features``
@@ -14,7 +18,6 @@ import torch
 import torch.nn as nn
 from segment_anything.modeling.image_encoder import ImageEncoderViT
 
-from .bam import BAM
 from .common import batchnorm_eval, freeze, one_image_at_a_time, resize
 from .decoder import SAMRSPDecoder
 
@@ -24,7 +27,7 @@ class SAMRSP(nn.Module):
     class_ids LongTensor B | None) -> dict:
 
     * ``logits``: B x 2 x H x W, the final logits;
-    * ``prompt_logits``: B x 2 x H x W, BAM's ``final_out`` (probability-like) at the input size;
+    * ``prompt_logits``: B x 2 x H x W, the generator's prompt (probability-like) at the input size;
     * in training mode, ``aux_logits``: the side heads' B x 2 x H x W logits (depth - 1 of them).
 
     Training mode: the decoder trains; the SAM encoder stays in eval; BAM runs in train mode
@@ -37,7 +40,7 @@ class SAMRSP(nn.Module):
     dtype; their outputs are cast back to float32, so the decoder always runs in float32.
     """
 
-    def __init__(self, *, rspg: BAM, image_encoder: ImageEncoderViT, decoder: SAMRSPDecoder,
+    def __init__(self, *, rspg: nn.Module, image_encoder: ImageEncoderViT, decoder: SAMRSPDecoder,
                  frozen_train_mode: bool = True) -> None:
         super().__init__()
         self.rspg = freeze(rspg)
@@ -102,9 +105,9 @@ class SAMRSP(nn.Module):
         height, width = query_img.shape[-2:]
         with torch.no_grad():
             with self.frozen_autocast(query_img.device.type):
-                prompt = self.rspg(query_img, support_imgs, support_masks,
-                                   class_ids=class_ids if self.rspg.training else None,
-                                   query_feats=query_feats, support_feats=support_feats)["logits"].float()
+                prompt = self.rspg.prompt(query_img, support_imgs, support_masks,
+                                          class_ids=class_ids if self.rspg.training else None,
+                                          query_feats=query_feats, support_feats=support_feats).float()
             if query_embedding is None:
                 query_embedding = self.embed_query(query_img)
             grid = query_embedding.shape[-2:]

@@ -671,7 +671,8 @@ def checkpoint_payload(model: nn.Module, *, stage: str, frozen_refs: Iterable = 
     payload: Dict[str, Any] = {"format": FORMAT_VERSION, "stage": stage, "model": _saved_state(model, covered),
                                "frozen": frozen}
     if optimizer is not None:
-        payload["optimizer"] = optimizer.state_dict()
+        # an optimizer, or the states of a stage's optimizers by name (util.engine.optimizer_states)
+        payload["optimizer"] = dict(optimizer) if isinstance(optimizer, Mapping) else optimizer.state_dict()
     if train_state is not None:
         payload["train_state"] = dict(train_state)
     if rng is not None:

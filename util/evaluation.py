@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from util.config import ConfigError
 from util.dataset import build_episodes, build_source, collate
 from util.distributed import ProcessInfo, ShardSampler
 from util.metrics import FewShotMeter, SegmentationMeter, crop_targets, predict_at_original_resolution
@@ -129,18 +130,40 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+#: eval.protocol -> what it is. ``samrsp`` reads eval.seeds / eval.episodes; the others fix them.
+PROTOCOLS = {
+    "samrsp": "eval.seeds x eval.episodes (default SAM-RSP's 5 seeds x 1000), mean +- sample std over seeds",
+    "sccan": "SCCAN's published protocol: one seed 321 x 1000 episodes (PASCAL) / 4000 (COCO); the original "
+             "also selected its checkpoints on these episodes, so the figure is not an independent test",
+}
+_SCCAN_EPISODES = {"pascal": 1000, "coco": 4000}
+
+
+def protocol_settings(cfg: Mapping) -> tuple[str, list[int], int]:
+    """``(name, seeds, episodes per seed)`` of ``eval.protocol``."""
+    ev = cfg["eval"]
+    name = ev["protocol"]
+    if name not in PROTOCOLS:
+        raise ConfigError(f"eval.protocol must be one of {', '.join(PROTOCOLS)}, got {name!r}")
+    if name == "sccan":
+        # other datasets (toy, custom) keep eval.episodes: the original defines PASCAL and COCO only
+        return name, [321], _SCCAN_EPISODES.get(cfg["data"]["dataset"], int(ev["episodes"]))
+    return name, list(ev["seeds"]), int(ev["episodes"])
+
+
 def run_test_protocol(model: torch.nn.Module, cfg: Mapping, *, proc: ProcessInfo, runner: EpisodeRunner | None = None,
                       progress: bool = True, log: Callable[[str], None] = print,
                       on_batch_factory: Callable[[int], Callable | None] | None = None) -> dict:
-    """The test protocol: ``eval.seeds`` x ``eval.episodes`` episodes; mean +- std over seeds
-    and every seed's figures (never the best seed)."""
+    """The test protocol of ``eval.protocol`` (:data:`PROTOCOLS`): seeds x episodes; mean +- std
+    over seeds and every seed's figures (never the best seed)."""
     ev = cfg["eval"]
+    protocol, seeds, num_episodes = protocol_settings(cfg)
     source = build_source(cfg, progress=progress and proc.is_main, log=log if proc.is_main else (lambda _: None))
     fold = source.fold
     per_seed, class_ious, prompt_class_ious = [], [], []
     skipped = 0
-    for seed_index, seed in enumerate(ev["seeds"]):
-        episodes = build_episodes(cfg, "val", source=source, seed=seed, num_episodes=ev["episodes"])
+    for seed_index, seed in enumerate(seeds):
+        episodes = build_episodes(cfg, "val", source=source, seed=seed, num_episodes=num_episodes)
         skipped = episodes.skipped_queries
         on_batch = on_batch_factory(seed_index) if on_batch_factory else None
         summary = evaluate_episodes(model, episodes, class_ids=fold.novel, proc=proc, batch_size=ev["batch_size"],
@@ -162,7 +185,9 @@ def run_test_protocol(model: torch.nn.Module, cfg: Mapping, *, proc: ProcessInfo
             if row["classes_unseen"]:
                 log(f"  note: no episode of classes {row['classes_unseen']} (counted as IoU 0, as the original)")
     results = {"dataset": cfg["data"]["dataset"], "split": cfg["data"]["split"], "shot": cfg["data"]["shot"],
-               "backbone": cfg["model"]["backbone"], "seeds": list(ev["seeds"]), "episodes": ev["episodes"],
+               "backbone": cfg["model"]["backbone"], "protocol": protocol, "protocol_description": PROTOCOLS[protocol],
+               "model": type(unwrap(model)).__name__, "rspg": _generator_name(model),
+               "seeds": seeds, "episodes": num_episodes,
                "query_order": ev["query_order"], "skipped_queries": skipped, "per_seed": per_seed}
     keys = ["miou", "fbiou", "baseline_miou", "baseline_fbiou"]
     if prompt_class_ious:
@@ -176,17 +201,23 @@ def run_test_protocol(model: torch.nn.Module, cfg: Mapping, *, proc: ProcessInfo
     return results
 
 
+def _generator_name(model: torch.nn.Module) -> str | None:
+    """The class name of a SAM-RSP's prompt generator (BAM / SCCAN), None for other models."""
+    rspg = getattr(unwrap(model), "rspg", None)
+    return type(rspg).__name__ if rspg is not None else None
+
+
 def format_results(results: Mapping) -> str:
     """The results as text tables: summary (mean +- std over seeds), per seed, per class."""
     pct = lambda v: f"{100 * v:6.2f}"
     lines = [f"{results['dataset']} fold {results['split']}, {results['shot']}-shot, {results['backbone']}: "
-             f"{len(results['seeds'])} seeds x {results['episodes']} episodes ({results['query_order']} queries), "
-             "mean +- std over seeds",
+             f"{len(results['seeds'])} seed{'s' if len(results['seeds']) != 1 else ''} x {results['episodes']} episodes "
+             f"({results['query_order']} queries, protocol {results.get('protocol', 'samrsp')}), mean +- std over seeds",
              f"{'':24s}{'mIoU':>16s}{'FB-IoU':>16s}"]
     rows = [("all-foreground baseline", "baseline_")]
     if "prompt_miou_mean" in results:
-        rows.append(("RSP (BAM prompt)", "prompt_"))
-    rows.append(("final" if "prompt_miou_mean" not in results else "SAM-RSP (final)", ""))
+        rows.append((f"RSP ({results.get('rspg') or 'BAM'} prompt)", "prompt_"))
+    rows.append((results.get("model") or "final" if "prompt_miou_mean" not in results else "SAM-RSP (final)", ""))
     for label, prefix in rows:
         lines.append(f"{label:24s}{pct(results[prefix + 'miou_mean'])} +- {pct(results[prefix + 'miou_std']).strip():>5s}"
                      f"{pct(results[prefix + 'fbiou_mean'])} +- {pct(results[prefix + 'fbiou_std']).strip():>5s}")

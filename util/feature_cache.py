@@ -62,7 +62,6 @@ import torch
 import torch.nn as nn
 
 from model.attention import SDPAAttention
-from model.bam import BAM
 from model.sam_rsp import SAMRSP
 from util.atomic import write_atomic
 from util.config import ConfigError, resolve_path
@@ -310,8 +309,8 @@ class CachedEpisodeRunner(EpisodeRunner):
 
     ``batch["image_id"]`` and the digest of the query tensor identify a query; the batch's
     misses go through the encoder in ONE batched call. Works with a ``SAMRSP`` (SAM embedding,
-    and BAM's query features when ``cache_bam_features``) and with a ``BAM`` (stage ``bam``
-    tests: its query features); any other model runs uncached.
+    and its generator's query features when ``cache_bam_features``) and with a ``BAM`` or an
+    ``SCCAN`` tested on its own (their query backbone features); any other model runs uncached.
 
     Args:
         device: where the model runs.
@@ -422,8 +421,9 @@ class CachedEpisodeRunner(EpisodeRunner):
                                          compute=lambda x: model.query_features(x),
                                          counters=("bam_feature_calls", "bam_feature_hits"))
             return model(query_img, support_imgs, support_masks, query_embedding=embedding, query_feats=query_feats)
-        if isinstance(model, BAM):
-            query_feats = self.fetch("bam", image_ids=image_ids, digests=digests, inputs=query_img,
+        if hasattr(model, "extract_query_features"):
+            # a prompt generator tested on its own (BAM, SCCAN): its frozen query backbone features
+            query_feats = self.fetch(type(model).__name__.lower(), image_ids=image_ids, digests=digests, inputs=query_img,
                                      compute=model.extract_query_features, counters=("encoder_calls", "cache_hits"))
             return model(query_img, support_imgs, support_masks, query_feats=query_feats)
         return super().__call__(model, batch)
