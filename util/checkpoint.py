@@ -10,11 +10,15 @@ format                 file                                                     
                        ``feature_extractor.*``, ``init_merge.0``, ``blocks.*``, ...
 ``bam_original``       BAM ``{'state_dict'}``: ``layer*``, ``learner_base.*``,      BAM, SAMRSP.rspg
                        ``down_query``, ...
+``sccan_original``     SCCAN ``{'epoch', 'state_dict', 'optimizer',                  SCCAN, SAMRSP.rspg
+                       'optimizer_swin'}``: ``backbone.body.*``, ``down_query``,    (an SCCAN)
+                       ``transformer.layers.0.blocks.*``, ... (optimisers ignored)
 ``pspnet``             PSPNet ``best.pth``: ``layer0..4.*`` (and the same tensors   PSPNet; BAM / SAMRSP.rspg
                        again as ``encoder.{0..4}.*``), ``ppm.*``, ``cls.*``         backbone + learner_base
 ``sam``                SAM ``sam_vit_*.pth``: ``image_encoder.*`` (+ prompt          SAMRSP.image_encoder,
                        encoder and mask decoder, ignored)                           ImageEncoderViT
-``imagenet_resnet``    deep-stem ``resnet50_v2.pth`` / ``resnet101_v2.pth``          the backbone (``layer0..4``)
+``imagenet_resnet``    deep-stem ``resnet50_v2.pth`` / ``resnet101_v2.pth``          the backbone (``layer0..4``;
+                                                                                   SCCAN: ``backbone.body``)
 ``imagenet_vgg``       torchvision ``vgg16_bn.pth`` (``features.N.*``)              the backbone (``layer0..4``)
 ``sam-rsp/1``          ours: ``{"format", "model", "frozen", ...}``                  the model it was saved from
 =====================  ==========================================================  ==========================
@@ -36,7 +40,9 @@ the frozen parts come from, with their sha256 (:func:`sha256_file`), e.g.::
      "epoch": ..., "optimizer": ...}                  # other keys are ignored here
 
 :func:`load_pretrained_parts` loads, for a training stage, the pretrained parts named by the
-config (and returns the files loaded, to reference under ``"frozen"``). For training runs,
+config (and returns the files loaded, to reference under ``"frozen"``); each file must fill the
+whole part the stage declares in :data:`REQUIRED_KEYS`, or it is refused (never a silently random
+prompt generator). For training runs,
 :func:`checkpoint_payload` builds such a checkpoint (plus ``stage``, ``optimizer``,
 ``train_state``, ``rng``, ``config``), :func:`save_checkpoint` writes it atomically,
 :func:`read_checkpoint` / :func:`restore_training_weights` / :func:`restore_rng_state` resume
@@ -62,6 +68,7 @@ from segment_anything.modeling.image_encoder import ImageEncoderViT
 from model.backbone import LAYER_NAMES, VGG16_CUTS, ResNetBackbone, VGGBackbone
 from model.bam import BAM
 from model.pspnet import PSPNet
+from model.sccan import SCCAN
 from model.sam_encoder import SAM_CHECKPOINT_NAMES
 from model.sam_rsp import SAMRSP
 from util.atomic import write_atomic
@@ -84,6 +91,9 @@ FORMATS: Dict[str, str] = {
                         "init_merge.0, blocks.*, inner_cls.*, beta_conv.*, res2.*, cls.*)",
     "bam_original": "an original BAM checkpoint {'state_dict'} (keys layer0..4.*, learner_base.*, down_query.*, "
                     "down_supp.*, init_merge.*, ASPP_meta.*, ..., gram_merge, cls_merge[, kshot_rw])",
+    "sccan_original": "an original SCCAN checkpoint {'epoch', 'state_dict', 'optimizer', 'optimizer_swin'} (keys "
+                      "backbone.body.*, down_query.*, down_supp.*, init_merge_query.*, init_merge_supp.*, "
+                      "transformer.layers.0.blocks.*, ASPP_meta.*, res1_meta.*, res2_meta.*, cls_meta.*)",
     "pspnet": "a PSPNet base-learner best.pth {'state_dict'} (keys layer0..4.*, encoder.0..4.*, ppm.*, cls.*)",
     "sam": "a SAM checkpoint sam_vit_{b,l,h}_*.pth (keys image_encoder.*, prompt_encoder.*, mask_decoder.*)",
     "imagenet_resnet": "a deep-stem ImageNet ResNet resnet50_v2.pth / resnet101_v2.pth "
@@ -103,10 +113,12 @@ _VGG_FEATURES = tuple((f"features.{start + j}.", f"{LAYER_NAMES[k]}.{j}.")
 RENAMES: Dict[Tuple[str, str], Tuple[Tuple[str, str], ...]] = {
     ("sam_rsp_original", "SAMRSP"): (("Bam.", "rspg."), ("feature_extractor.", "image_encoder."), ("", "decoder.")),
     ("bam_original", "BAM"): (),
+    ("sccan_original", "SCCAN"): (),
     ("pspnet", "PSPNet"): (),
     ("pspnet", "BAM"): (("ppm.", "learner_base.0."), ("cls.", "learner_base.1.")),
     ("sam", "ImageEncoderViT"): (("image_encoder.", ""),),
     ("imagenet_resnet", "backbone"): _RESNET_STEM,
+    ("imagenet_resnet", "sccan_backbone"): (("", "backbone.body."),),
     ("imagenet_vgg", "backbone"): _VGG_FEATURES,
 }
 
@@ -118,12 +130,20 @@ IGNORED: Dict[str, Tuple[str, ...]] = {
     "imagenet_vgg": ("classifier.",),
 }
 
+#: (format, kind) -> key suffixes deliberately not loaded (reported): SCCAN's FrozenBatchNorm2d
+#: has no ``num_batches_tracked`` counter; one in the file is dropped (SPEC_SCCAN 2.1).
+IGNORED_SUFFIXES: Dict[Tuple[str, str], Tuple[str, ...]] = {
+    ("sccan_original", "SCCAN"): ("num_batches_tracked",),
+    ("imagenet_resnet", "sccan_backbone"): ("num_batches_tracked",),
+}
+
 _BACKBONE_KEYS = tuple(name + "." for name in LAYER_NAMES)
 
 #: (format, kind) -> prefixes of the target's keys the file must fill (default: all of them).
 SCOPES: Dict[Tuple[str, str], Tuple[str, ...]] = {
     ("pspnet", "BAM"): _BACKBONE_KEYS + ("learner_base.",),
     ("imagenet_resnet", "backbone"): _BACKBONE_KEYS,
+    ("imagenet_resnet", "sccan_backbone"): ("backbone.body.",),
     ("imagenet_vgg", "backbone"): _BACKBONE_KEYS,
 }
 
@@ -133,11 +153,17 @@ _BACKBONE_OWNERS = (PSPNet, BAM, ResNetBackbone, VGGBackbone)
 TARGETS = {
     "sam_rsp_original": (((SAMRSP,), "", "SAMRSP"),),
     "bam_original": (((BAM,), "", "BAM"), ((SAMRSP,), "rspg", "BAM")),
+    "sccan_original": (((SCCAN,), "", "SCCAN"), ((SAMRSP,), "rspg", "SCCAN")),
     "pspnet": (((PSPNet,), "", "PSPNet"), ((BAM,), "", "BAM"), ((SAMRSP,), "rspg", "BAM")),
     "sam": (((SAMRSP,), "image_encoder", "ImageEncoderViT"), ((ImageEncoderViT,), "", "ImageEncoderViT")),
-    "imagenet_resnet": ((_BACKBONE_OWNERS, "", "backbone"), ((SAMRSP,), "rspg", "backbone")),
+    "imagenet_resnet": ((_BACKBONE_OWNERS, "", "backbone"), ((SAMRSP,), "rspg", "backbone"),
+                        ((SCCAN,), "", "sccan_backbone"), ((SAMRSP,), "rspg", "sccan_backbone")),
     "imagenet_vgg": ((_BACKBONE_OWNERS, "", "backbone"), ((SAMRSP,), "rspg", "backbone")),
 }
+
+#: kind of target -> the prompt generator a SAMRSP must have for it (``SAMRSP.rspg`` is a BAM or an
+#: SCCAN): a BAM file does not go into a SAM-RSP over an SCCAN, nor an SCCAN file into one over a BAM.
+RSPG_CLASSES: Dict[str, type] = {"SAMRSP": BAM, "BAM": BAM, "backbone": BAM, "SCCAN": SCCAN, "sccan_backbone": SCCAN}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +174,7 @@ TARGETS = {
 class LoadReport:
     """What :func:`load_weights` did. ``loaded``: keys of the model passed in that received
     values; ``ignored``: checkpoint keys deliberately skipped; ``parts``: nested loads (frozen
-    parts of our checkpoints)."""
+    parts of our checkpoints); ``stage``: the training stage recorded in one of our checkpoints."""
 
     path: str
     format: str
@@ -157,6 +183,7 @@ class LoadReport:
     ignored: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     parts: List["LoadReport"] = field(default_factory=list)
+    stage: Optional[str] = None
 
     def summary(self) -> str:
         """One line: format, target, counts."""
@@ -218,6 +245,20 @@ def _format_groups(title: str, bad: Sequence[str], universe: Iterable[str]) -> L
     return lines
 
 
+def _shot_hint(missing: Sequence[str], unexpected: Sequence[str]) -> List[str]:
+    """BAM's K-shot weighting ``kshot_rw`` exists only for data.shot > 1: say which side is K-shot."""
+    def has_kshot(keys):
+        return any("kshot_rw" in key.split(".") for key in keys)
+    if has_kshot(unexpected):
+        return ["  the file has BAM's K-shot weighting (kshot_rw.*), the model has none: the file was trained "
+                "for data.shot > 1 (e.g. 5-shot) and the model is built 1-shot; set data.shot to the file's "
+                "shot count or give a file trained with this data.shot"]
+    if has_kshot(missing):
+        return ["  the model (data.shot > 1) needs BAM's K-shot weighting (kshot_rw.*), the file has none: it "
+                "was trained 1-shot; set data.shot=1 or give a file trained with this data.shot"]
+    return []
+
+
 def _mismatch_error(path, what: str, missing: Sequence[str], expected: Iterable[str], unexpected: Sequence[str],
                     given: Iterable[str], shapes: Sequence[Tuple[str, tuple, tuple]]) -> CheckpointError:
     lines = [f"{path}: {what} does not fit the model (strict loading, after renaming):"]
@@ -226,6 +267,7 @@ def _mismatch_error(path, what: str, missing: Sequence[str], expected: Iterable[
         lines.append("  the backbone layers (layer0..layer4) differ: the file was made for another backbone "
                      "(model.backbone: vgg16_bn | resnet50 | resnet101) or backbone size (model.backbone_width, "
                      "model.backbone_blocks); use the config the weights were trained with")
+    lines += _shot_hint(missing, unexpected)
     if missing:
         lines += _format_groups("missing (in the model, not in the file)", missing, expected)
     if unexpected:
@@ -270,7 +312,10 @@ def trainable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
                 out[key] = value.detach()
             continue
         owner = model.get_submodule(key.rsplit(".", 1)[0]) if "." in key else model
-        if all(p.requires_grad for p in owner.parameters(recurse=False)):
+        own = list(owner.parameters(recurse=False))
+        # buffers of modules with trainable parameters (BatchNorm statistics of a trained head);
+        # a module without parameters (FrozenBatchNorm2d) is frozen, not trainable
+        if own and all(p.requires_grad for p in own):
             out[key] = value.detach()
     return out
 
@@ -315,6 +360,10 @@ def detect_format(state: Mapping[str, torch.Tensor], path="<state dict>") -> str
         return "sam_rsp_original"
     if "image_encoder" in tops:
         return "sam"
+    # before BAM: SCCAN has down_query / ASPP_meta / cls_meta too
+    if tops & {"init_merge_query", "init_merge_supp"} or any(
+            k.startswith(("backbone.body.", "transformer.layers.")) for k in state):
+        return "sccan_original"
     if tops & {"down_query", "down_supp", "learner_base", "ASPP_meta", "res1_meta", "cls_meta", "gram_merge"}:
         return "bam_original"
     if {"ppm", "cls", "layer0"} <= tops:
@@ -337,13 +386,23 @@ def detect_format(state: Mapping[str, torch.Tensor], path="<state dict>") -> str
 def _resolve_target(model: nn.Module, fmt: str, path: Path) -> Tuple[str, str, nn.Module]:
     for classes, attr, kind in TARGETS[fmt]:
         if isinstance(model, classes):
+            if isinstance(model, SAMRSP) and not isinstance(model.rspg, RSPG_CLASSES.get(kind, nn.Module)):
+                continue   # made for (or holding) the other prompt generator
             target = model.get_submodule(attr) if attr else model
             if kind == "backbone":
                 _check_backbone_family(target, fmt, path)
             return attr, kind, target
-    names = sorted({c.__name__ + (f".{attr}" if attr else "") for classes, attr, _ in TARGETS[fmt] for c in classes})
-    raise CheckpointError(f"{path}: {FORMATS[fmt]} loads into {', '.join(names)}, "
-                          f"not into a {type(model).__name__}")
+
+    def name(cls: type, attr: str, kind: str) -> str:
+        text = cls.__name__ + (f".{attr}" if attr else "")
+        if issubclass(cls, SAMRSP) and kind in RSPG_CLASSES:
+            text += f" (a {RSPG_CLASSES[kind].__name__})" if attr else f" (over a {RSPG_CLASSES[kind].__name__})"
+        return text
+    names = sorted({name(c, attr, kind) for classes, attr, kind in TARGETS[fmt] for c in classes})
+    have = f"a {type(model).__name__}"
+    if isinstance(model, SAMRSP):
+        have += f" whose prompt generator (rspg, model.rspg.type) is a {type(model.rspg).__name__}"
+    raise CheckpointError(f"{path}: {FORMATS[fmt]} loads into {', '.join(names)}, not into {have}")
 
 
 def _check_backbone_family(target: nn.Module, fmt: str, path: Path) -> None:
@@ -356,10 +415,11 @@ def _check_backbone_family(target: nn.Module, fmt: str, path: Path) -> None:
 def _rename(state: Mapping[str, torch.Tensor], fmt: str, kind: str):
     renames = RENAMES[(fmt, kind)]
     ignored_prefixes = IGNORED.get(fmt, ())
+    ignored_suffixes = IGNORED_SUFFIXES.get((fmt, kind), ())
     mapped: Dict[str, torch.Tensor] = {}
     ignored: List[str] = []
     for key, value in state.items():
-        if key.startswith(ignored_prefixes):
+        if key.startswith(ignored_prefixes) or key.endswith(ignored_suffixes):
             ignored.append(key)
             continue
         for old, new in renames:
@@ -403,23 +463,36 @@ def load_weights(model: nn.Module, path, require_complete: bool = False) -> Load
     model = _unwrap(model)
     path = Path(path)
     obj = _read(path)
-    if isinstance(obj, Mapping) and "format" in obj and obj.get("stage") == "base" \
-            and not isinstance(model, PSPNet) and obj.get("format") == FORMAT_VERSION:
-        # A stage-1 checkpoint holds a whole PSPNet: it goes wherever a PSPNet best.pth goes
-        # (the backbone and learner_base of a BAM, or of SAMRSP.rspg).
-        report = _load_official(model, {"state_dict": obj["model"]}, path)
-        report.format = FORMAT_VERSION + " (stage base, as a PSPNet)"
-    elif isinstance(obj, Mapping) and "format" in obj:
-        report = _load_ours_explained(model, obj, path)
-    else:
-        report = _load_official(model, obj, path)
+    try:
+        if isinstance(obj, Mapping) and "format" in obj and obj.get("stage") == "base" \
+                and not isinstance(model, PSPNet) and obj.get("format") == FORMAT_VERSION:
+            # A stage-1 checkpoint holds a whole PSPNet: it goes wherever a PSPNet best.pth goes
+            # (the backbone and learner_base of a BAM, or of SAMRSP.rspg).
+            report = _load_official(model, {"state_dict": obj["model"]}, path)
+            report.format = FORMAT_VERSION + " (stage base, as a PSPNet)"
+            report.stage = "base"
+        elif isinstance(obj, Mapping) and "format" in obj:
+            report = _load_ours_explained(model, obj, path)
+        else:
+            report = _load_official(model, obj, path)
+    except CheckpointError as err:
+        if not require_complete:
+            raise
+        raise CheckpointError(f"{err}\n  expected here: {_expected_model(model)}") from None
     if require_complete:
-        left = [k for k in model.state_dict() if k not in set(report.loaded) and not k.endswith("num_batches_tracked")]
+        needed = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+        loaded = set(report.loaded)
+        left = [k for k in needed if k not in loaded]
         if left:
-            lines = [f"{path}: {FORMATS.get(report.format, report.format)} fills only part of the "
-                     f"{type(model).__name__} ({report.target}); a complete checkpoint is needed here."]
-            lines += _format_groups("left unloaded", left, [k for k in model.state_dict()
-                                                            if not k.endswith("num_batches_tracked")])
+            lines = [f"{path}: this file holds {_file_holds(report)}, but {_expected_model(model)} is needed "
+                     f"here; it fills only part of the {type(model).__name__} ({report.target}: "
+                     f"{len(needed) - len(left)} of {len(needed)} tensors) and the rest would keep its RANDOM "
+                     f"initialisation."]
+            lines += _format_groups("left unloaded", left, needed)
+            if isinstance(model, SAMRSP) and report.target.startswith("SAMRSP.rspg"):
+                kind = "sccan" if isinstance(model.rspg, SCCAN) else "bam"
+                lines.append(f"  (a {type(model.rspg).__name__} checkpoint is tested with train.stage={kind}; SAM-RSP "
+                             f"needs the best.pth of a train.stage=sam_rsp run)")
             raise CheckpointError("\n".join(lines))
     return report
 
@@ -445,17 +518,20 @@ def _load_official(model: nn.Module, obj, path: Path) -> LoadReport:
 
 
 #: the model class of each training stage; our checkpoints record their stage.
-STAGE_MODELS = {"base": PSPNet, "bam": BAM, "sam_rsp": SAMRSP}
+STAGE_MODELS = {"base": PSPNet, "bam": BAM, "sam_rsp": SAMRSP, "sccan": SCCAN}
 
 
 def _route_ours(model: nn.Module, stage, path: Path) -> Tuple[str, nn.Module]:
     """Where a checkpoint of ``stage`` goes in ``model``: itself, or SAMRSP.rspg for a BAM."""
     if stage is None or stage not in STAGE_MODELS or isinstance(model, STAGE_MODELS[stage]):
         return "", model
-    if stage == "bam" and isinstance(model, SAMRSP):
+    if stage in ("bam", "sccan") and isinstance(model, SAMRSP) and isinstance(model.rspg, STAGE_MODELS[stage]):
         return "rspg", model.rspg
+    have = type(model).__name__
+    if isinstance(model, SAMRSP):
+        have += f" whose prompt generator (rspg, model.rspg.type) is a {type(model.rspg).__name__}"
     raise CheckpointError(f"{path}: a checkpoint of stage '{stage}' (a {STAGE_MODELS[stage].__name__}) "
-                          f"does not load into a {type(model).__name__}")
+                          f"does not load into a {have}")
 
 
 def _backbone_note(model: nn.Module, ckpt: Mapping) -> Optional[str]:
@@ -496,7 +572,7 @@ def _load_ours(model: nn.Module, ckpt: Mapping, path: Path) -> LoadReport:
         report.target = f"{type(model).__name__}.{attr}"
         report.loaded = [f"{attr}.{k}" for k in report.loaded]
         return report
-    report = LoadReport(str(path), FORMAT_VERSION, type(model).__name__)
+    report = LoadReport(str(path), FORMAT_VERSION, type(model).__name__, stage=ckpt.get("stage"))
     covered = set()
     for entry in frozen:
         prefix, part_path, digest = entry["prefix"], resolve_path(entry["path"]), entry["sha256"]
@@ -542,7 +618,111 @@ PRETRAINED_PARTS: Dict[str, Tuple[Tuple[str, str], ...]] = {
     "base": (("model.backbone_checkpoint", ""),),
     "bam": (("model.base_learner.checkpoint", ""),),
     "sam_rsp": (("model.rspg.checkpoint", "rspg."), ("model.sam.checkpoint", "image_encoder.")),
+    "sccan": (("model.backbone_checkpoint", ""),),   # the ImageNet init of SCCAN's frozen backbone
 }
+
+#: (stage, config key) -> prefixes of the model keys the file of that key must fill, every one of
+#: them (``num_batches_tracked`` counters excepted): a file that loads but leaves one of them at
+#: its random initialisation is refused (e.g. a PSPNet best.pth, which fills only the backbone and
+#: learner_base of a BAM, given as SAM-RSP's prompt generator). A pair not listed here must fill
+#: every frozen weight under its submodule prefix.
+REQUIRED_KEYS: Dict[Tuple[str, str], Tuple[str, ...]] = {
+    ("base", "model.backbone_checkpoint"): _BACKBONE_KEYS,                     # the whole backbone
+    # the frozen part of BAM; its meta learner is what stage bam trains
+    ("bam", "model.base_learner.checkpoint"): _BACKBONE_KEYS + ("learner_base.",),
+    ("sam_rsp", "model.rspg.checkpoint"): ("rspg.",),                          # the whole prompt generator
+    ("sam_rsp", "model.sam.checkpoint"): ("image_encoder.",),
+    ("sccan", "model.backbone_checkpoint"): ("backbone.body.",),               # SCCAN's frozen backbone
+}
+
+#: what a file of each format holds, in words (errors about a file given where another is expected)
+_FORMAT_HOLDS: Dict[str, str] = {
+    "pspnet": "a PSPNet base learner (stage base)",
+    "bam_original": "a BAM prompt generator (stage bam; an original BAM checkpoint)",
+    "sam_rsp_original": "a whole SAM-RSP model (stage sam_rsp; an original SAM-RSP checkpoint)",
+    "sam": "SAM weights (its image encoder)",
+    "imagenet_resnet": "only ImageNet weights of a ResNet backbone",
+    "imagenet_vgg": "only ImageNet weights of a VGG16-bn backbone",
+    "sccan_original": "an SCCAN prompt generator (stage sccan; an original SCCAN checkpoint)",
+}
+_STAGE_HOLDS = {"base": "a PSPNet base learner", "bam": "a BAM prompt generator", "sam_rsp": "a whole SAM-RSP model",
+                "sccan": "an SCCAN prompt generator"}
+
+
+def _file_holds(report: LoadReport) -> str:
+    """What the file of ``report`` holds, e.g. 'a PSPNet base learner (stage base)'."""
+    if report.format.startswith(FORMAT_VERSION):
+        stage = report.stage
+        if not stage:
+            return f"a checkpoint of this project ({FORMAT_VERSION}, no stage recorded)"
+        model_class = STAGE_MODELS.get(stage)
+        what = _STAGE_HOLDS.get(stage) or (f"a {model_class.__name__}" if model_class else "the model")
+        return f"{what} (stage {stage}; a checkpoint of this project)"
+    return _FORMAT_HOLDS.get(report.format) or FORMATS.get(report.format, report.format)
+
+
+def _expected_model(model: nn.Module) -> str:
+    """What a complete checkpoint of ``model`` is (test.py / predict.py ``weights=``)."""
+    if isinstance(model, SAMRSP):
+        return ("a whole SAM-RSP model (stage sam_rsp: the best.pth of a train.stage=sam_rsp run, or an original "
+                "SAM-RSP checkpoint)")
+    if isinstance(model, BAM):
+        return "a whole BAM (stage bam: the best.pth of a train.stage=bam run, or an original BAM checkpoint)"
+    if isinstance(model, PSPNet):
+        return "a whole PSPNet base learner (stage base: the best.pth of a train.stage=base run)"
+    stage = next((s for s, cls in STAGE_MODELS.items() if isinstance(model, cls)), None)
+    return f"a whole {type(model).__name__}" + (f" (stage {stage})" if stage else "")
+
+
+def _required_keys(model: nn.Module, stage: str, key: str, prefix: str) -> List[str]:
+    """The model keys the file of config ``key`` must fill in ``stage`` (see :data:`REQUIRED_KEYS`)."""
+    declared = REQUIRED_KEYS.get((stage, key))
+    if declared is None:
+        trainable = set(trainable_state_dict(model))
+        keys = [k for k in model.state_dict() if k.startswith(prefix) and k not in trainable]
+    else:
+        keys = [k for k in model.state_dict() if k.startswith(declared)]
+    return [k for k in keys if not k.endswith("num_batches_tracked")]
+
+
+def _earlier_stage_hint(key: str, report: LoadReport, value, cfg: Mapping) -> Optional[str]:
+    """When the file is the input of an earlier stage than the one ``key`` expects, say what to train."""
+    holds_base = report.format == "pspnet" or report.stage == "base"
+    holds_imagenet = report.format.startswith("imagenet_")
+    if key == "model.rspg.checkpoint" and holds_imagenet and cfg["model"]["rspg"].get("type") == "sccan":
+        return (f"ImageNet weights are what stage sccan starts from: train SCCAN on them first (train.stage=sccan "
+                f"model.backbone_checkpoint={value}) and give that run's best.pth here")
+    if key == "model.rspg.checkpoint" and holds_base:
+        return (f"a PSPNet base learner is what stage bam starts from: train BAM on it first (train.stage=bam "
+                f"model.base_learner.checkpoint={value}) and give that run's best.pth here")
+    if key == "model.rspg.checkpoint" and holds_imagenet:
+        return ("ImageNet weights are what stage base starts from: train stage base, then stage bam, and give the "
+                "bam run's best.pth here")
+    if key == "model.base_learner.checkpoint" and holds_imagenet:
+        return (f"ImageNet weights are what stage base starts from: train the PSPNet on them first (train.stage=base "
+                f"model.backbone_checkpoint={value}) and give that run's best.pth here")
+    return None
+
+
+def _incomplete_part_error(model: nn.Module, stage: str, key: str, value, path: Path, prefix: str,
+                           report: LoadReport, cfg: Mapping) -> Optional[CheckpointError]:
+    """The error for a pretrained file that loads but leaves required keys unfilled (or None)."""
+    needed = _required_keys(model, stage, key, prefix)
+    loaded = {prefix + k for k in report.loaded}
+    left = [k for k in needed if k not in loaded]
+    if not left:
+        return None
+    part = prefix.rstrip(".") or type(model).__name__
+    lines = [f"config key {key} = {value!r}: {path} holds {_file_holds(report)}, but stage {stage} expects "
+             f"{_expected_file(key, cfg)}. Loaded into '{part}' it fills only {len(needed) - len(left)} of the "
+             f"{len(needed)} tensors that must come from this file ({report.format} -> {report.target}); the "
+             f"others would keep their RANDOM initialisation."]
+    lines += _format_groups("left unloaded", left, needed)
+    hint = _earlier_stage_hint(key, report, value, cfg)
+    if hint:
+        lines.append(f"  ({hint})")
+    return CheckpointError("\n".join(lines))
+
 
 _IMAGENET_FILES = {"resnet50": "initmodel/resnet50_v2.pth", "resnet101": "initmodel/resnet101_v2.pth",
                    "vgg16_bn": "initmodel/vgg16_bn.pth"}
@@ -561,6 +741,10 @@ def _expected_file(key: str, cfg: Mapping) -> str:
         return (f"the PSPNet base learner, e.g. initmodel/PSPNet/{d['dataset']}/split{d['split']}/"
                 f"{_BACKBONE_DIRS.get(backbone, backbone)}/best.pth (trained by this project's stage 1, "
                 f"train.stage=base, or from the BAM authors' release)")
+    if key == "model.rspg.checkpoint" and m["rspg"].get("type") == "sccan":
+        return (f"the SCCAN prompt generator, e.g. initmodel/SCCAN/{d['dataset']}/split{d['split']}/"
+                f"{_BACKBONE_DIRS.get(backbone, backbone)}/{d['shot']}shot/best.pth (trained by this project's "
+                f"train.stage=sccan, or from the SCCAN authors' release)")
     if key == "model.rspg.checkpoint":
         return (f"the BAM prompt generator, e.g. initmodel/BAM/{d['dataset']}/split{d['split']}/"
                 f"{_BACKBONE_DIRS.get(backbone, backbone)}/{d['shot']}shot/best.pth (trained by this project's "
@@ -590,7 +774,11 @@ def load_pretrained_parts(model: nn.Module, cfg: Mapping, stage: Optional[str] =
     Paths go through :func:`util.config.resolve_path` ({split}/{shot}/{dataset} filled in). An
     empty path is an error unless ``model.allow_random_init`` (then a warning is printed and the
     part keeps its random weights; ``log``, when given, receives the warning and one line per
-    file loaded). Returns the files loaded as :class:`PretrainedPart` -- for
+    file loaded). A file must fill its part completely (:data:`REQUIRED_KEYS`: e.g. the whole
+    ``rspg`` in stage ``sam_rsp``, but only the backbone and learner_base of BAM in stage ``bam``):
+    one that loads only partly is a :class:`CheckpointError` naming the config key, the file, what
+    it holds, what was expected and the groups of keys left unloaded. Load errors also name the
+    config key and what it expects. Returns the files loaded as :class:`PretrainedPart` -- for
     stages ``bam``/``sam_rsp`` exactly the frozen parts our checkpoints reference under
     ``"frozen"``; for stage ``base`` only the initialisation (everything is trainable there, so
     a stage-1 checkpoint needs no frozen reference).
@@ -618,7 +806,14 @@ def load_pretrained_parts(model: nn.Module, cfg: Mapping, stage: Optional[str] =
             raise CheckpointError(f"config key {key} = {value!r}: file {path} does not exist; "
                                   f"expected {_expected_file(key, cfg)}")
         submodule = model.get_submodule(prefix.rstrip(".")) if prefix else model
-        report = load_weights(submodule, path)
+        try:
+            report = load_weights(submodule, path)
+        except CheckpointError as err:
+            raise CheckpointError(f"config key {key} = {value!r} must name {_expected_file(key, cfg)}; "
+                                  f"{path} does not load:\n{err}") from None
+        incomplete = _incomplete_part_error(model, stage, key, value, path, prefix, report, cfg)
+        if incomplete is not None:
+            raise incomplete
         loaded.append(PretrainedPart(prefix, _portable(path), sha256_file(path),
                                      tuple(prefix + k for k in report.loaded)))
         if log is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import cv2
@@ -9,8 +10,38 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 
+_WORKER_HEADER = re.compile(r"\ACaught (?P<name>\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def worker_error_message(message: str) -> str:
+    """The message of an exception raised in a DataLoader worker, without the worker's traceback.
+
+    PyTorch re-raises a worker's exception in the main process as the same type built from one
+    string (``torch._utils.ExceptionWrapper.reraise``): ``Caught DataError in DataLoader worker
+    process 0.\nOriginal Traceback (most recent call last): ... util.io.DataError: <message>``.
+    This returns ``<message>``; any other text is returned unchanged.
+    """
+    header = _WORKER_HEADER.match(message)
+    if header is None:
+        return message
+    last = None
+    for last in re.finditer(rf"^(?:[\w.]+\.)?{re.escape(header['name'])}: ", message, re.MULTILINE):
+        pass
+    return message if last is None else message[last.end():].rstrip("\n")
+
+
 class DataError(RuntimeError):
-    """A data file, list or directory is missing or invalid."""
+    """A data file, list or directory is missing or invalid.
+
+    Raised in a DataLoader worker, it reaches the main process with its own message (the one-line
+    error naming the file), not with the worker's traceback: PyTorch rebuilds it there from the
+    traceback text, which :func:`worker_error_message` reduces to the original message.
+    """
+
+    def __init__(self, *args) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (worker_error_message(args[0]),)
+        super().__init__(*args)
 
 
 def read_image(path: str | os.PathLike, config_key: str = "data.root") -> np.ndarray:
