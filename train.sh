@@ -2,6 +2,8 @@
 # Train SAM-RSP.
 #   bash train.sh                                    toy quick start: generate the toy benchmark if missing,
 #                                                    train the 3 stages on fold 0, test 1-shot, print the table
+#   bash train.sh toy-sccan                          the same, plus SCCAN and SAM-RSP over SCCAN, and one table:
+#                                                    baseline, BAM, SCCAN, SAM-RSP(BAM), SAM-RSP(SCCAN)
 #   bash train.sh CONFIG [key=value ...]             one stage (train.stage from the config or an override)
 #   bash train.sh DATASET SPLIT BACKBONE [SHOT] [key=value ...]
 #                                                    e.g. bash train.sh pascal 0 resnet50 5 train.stage=bam
@@ -10,16 +12,32 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source tools/common.sh
 
-if [ $# -eq 0 ]; then
-  CFG=config/toy/toy.yaml
-  OUT=${OUT:-exp/toy/quickstart}
+CFG=config/toy/toy.yaml
+OUT=${OUT:-exp/toy/quickstart}
+
+toy_samrsp_bam() {   # the quick start's three stages (each reused when its run is complete)
   "$PYTHON" -m util.prepare toy
   run_python train.py "$CFG" train.stage=base output_dir="$OUT/base" resume=auto
   run_python train.py "$CFG" train.stage=bam output_dir="$OUT/bam" resume=auto \
       model.base_learner.checkpoint="$OUT/base/best.pth"
   run_python train.py "$CFG" train.stage=sam_rsp output_dir="$OUT/sam_rsp" resume=auto \
       model.rspg.checkpoint="$OUT/bam/best.pth"
+}
+
+if [ $# -eq 0 ]; then
+  toy_samrsp_bam
   run_python test.py "$CFG" weights="$OUT/sam_rsp/best.pth" output_dir="$OUT/test"
+  exit 0
+fi
+if [ "$1" = "toy-sccan" ]; then   # + SCCAN and SAM-RSP over SCCAN; one table of the five rows
+  shift
+  toy_samrsp_bam
+  run_python train.py "$CFG" train.stage=sccan output_dir="$OUT/sccan" resume=auto "$@"
+  run_python train.py "$CFG" train.stage=sam_rsp model.rspg.type=sccan output_dir="$OUT/sam_rsp_sccan" resume=auto \
+      model.rspg.checkpoint="$OUT/sccan/best.pth" "$@"
+  [ -f "$OUT/test/results.json" ] || run_python test.py "$CFG" weights="$OUT/sam_rsp/best.pth" output_dir="$OUT/test"
+  run_python test.py "$CFG" model.rspg.type=sccan weights="$OUT/sam_rsp_sccan/best.pth" output_dir="$OUT/test_sccan"
+  "$PYTHON" -m util.toy_report "$OUT/test/results.json" "$OUT/test_sccan/results.json"
   exit 0
 fi
 resolve_config "$@"

@@ -44,4 +44,32 @@ def sam_rsp_loss(outputs: Mapping, batch: Mapping, weights: Sequence[float] = (1
     return total, {"loss": total.detach(), "main": main.detach(), "aux": aux.detach()}
 
 
+def weighted_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_label: int = 255) -> torch.Tensor:
+    """SCCAN's Dice loss (SPEC_SCCAN 1.7), computed in float32.
+
+    logits: B x 2 x H x W raw logits (bg, fg), each channel squashed by its OWN sigmoid (not a
+    softmax); target: B x H x W with 0 (bg), 1 (fg) and ``ignore_label``. Per sample b and channel
+    c with ``p = sigmoid(logits[b, c])`` and ``t = [target[b] == c]``:
+    ``1 - 2 sum(t p) / clamp(sum(p^2) + sum(t^2), min=1e-8)``; summed over the 2 channels and the
+    batch, divided by B. An ignored pixel is in neither channel's target, but (as in the
+    original) its predictions still count in ``sum(p^2)``. Returns a scalar.
+    """
+    batch = logits.shape[0]
+    prob = torch.sigmoid(logits.float()).flatten(2)                                   # B x 2 x HW
+    target = target.reshape(batch, 1, -1)
+    classes = torch.arange(prob.shape[1], device=prob.device).view(1, -1, 1)
+    onehot = ((target == classes) & (target != ignore_label)).to(prob.dtype)          # B x 2 x HW
+    inter = (onehot * prob).sum(2)
+    union = ((prob * prob).sum(2) + (onehot * onehot).sum(2)).clamp(min=1e-8)
+    return (1 - 2 * inter / union).sum() / batch
+
+
+def sccan_loss(outputs: Mapping, batch: Mapping, weights: Sequence[float] = ()) -> tuple[torch.Tensor, dict]:
+    """Stage ``sccan`` (SPEC_SCCAN 1.7): the weighted Dice loss of ``meta_out`` against the query
+    mask, and nothing else (the original's two auxiliary losses are constant zeros; no
+    cross-entropy). ``weights`` is unused."""
+    loss = weighted_dice_loss(outputs["logits"], batch["query_mask"])
+    return loss, {"loss": loss.detach()}
+
+
 LOSSES = {"base": base_loss, "bam": bam_loss, "sam_rsp": sam_rsp_loss}

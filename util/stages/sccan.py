@@ -58,4 +58,7 @@ def sccan_configure(cfg: Mapping) -> Mapping:
 SCCAN_STAGE = Stage(
     name="sccan", description="SCCAN: SCCA transformer + ASPP decoder over a frozen ImageNet ResNet",
     build_model=lambda cfg: build_model(cfg, "sccan"), inputs=episode_inputs, loss=sccan_loss_of,
-    optimizers=sccan_optimizers, configure=sccan_configure, **EPISODIC)
+    optimizers=sccan_optimizers, configure=sccan_configure,
+    # the last SCCA block's support stream feeds nothing: its attn_s / mlp_s get no gradient (as
+    # in the original, which also trains with find_unused_parameters=True)
+    find_unused_parameters=True, **EPISODIC)
