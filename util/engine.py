@@ -267,7 +267,8 @@ def train(cfg: Mapping, *, on_step: Callable[[TrainState], None] | None = None) 
 
     summary = {"stage": stage, "selection_metric": spec.selection_metric, "run_dir": str(run_dir), "epochs_done": state.epoch, "global_step": state.global_step,
                "select": train_cfg["select"], "best_metric": state.best_metric,
-               "best_miou": state.best_metric,   # the same value (named for the few-shot stages' metric) "best_epoch": state.best_epoch,
+               "best_miou": state.best_metric,   # = best_metric, under the few-shot stages' name
+               "best_epoch": state.best_epoch,
                "last_validation": next((h for h in reversed(state.history) if "miou" in h), None),
                "history": state.history,
                "checkpoint": str(run_dir / ("best.pth" if train_cfg["select"] == "best" else "last.pth"))}
