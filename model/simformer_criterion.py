@@ -327,7 +327,7 @@ class SimFormerCriterion(nn.Module):
     ``comp_floor_learnable`` makes tau a parameter (``IgnoreLearnable``; off in every config).
     ``recompute_mask_losses`` (default on) recomputes the full-resolution mask and comp terms in
     backward (activation checkpointing) instead of storing their intermediates: same values and
-    gradients, about 0.9 GB less peak memory for ~10 % more time at 4 x 512^2 (measured).
+    gradients, about 0.85 GB less peak memory for ~5 % more time at 4 x 512^2 (measured).
 
     Sizes (SPEC 5, 7): points ``base_points=100`` per image (``int(base_pos_frac * n)`` = 80 in one
     common base class, the rest outside it), ``novel_points=100``; ``comp_weight`` 0.15 (COCO) /
