@@ -169,3 +169,54 @@ def test_toy_report_combines_runs_and_refuses_other_protocols():
     assert "45.00 +-  3.00" in text and "55.00" in text
     with pytest.raises(ValueError, match="episodes"):
         table([bam, dict(sccan, episodes=20)])
+
+
+# -- SCCAN through the engine: stage sccan, then SAM-RSP over it, then test.py's protocol --------
+
+def test_public_api_builds_sccan_and_sam_rsp_over_sccan():
+    from model import SAMRSP, build_model
+    from model.sccan import SCCAN
+    cfg = load_config(ROOT / "config" / "pascal" / "pascal_split0_resnet50.yaml", ["train.stage=sccan", "data.shot=5"])
+    model = build_model(cfg)
+    assert isinstance(model, SCCAN)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 11_373_314
+    assert sum(p.numel() for p in model.parameters()) == 34_951_618
+    toy = load_config(ROOT / "config" / "toy" / "toy.yaml", ["train.stage=sam_rsp", "model.rspg.type=sccan"])
+    over = build_model(toy)
+    assert isinstance(over, SAMRSP) and isinstance(over.rspg, SCCAN)
+    assert not over.frozen_train_mode          # SCCAN always runs in eval mode inside SAM-RSP
+    over.train()
+    assert not over.rspg.training and over.decoder.training
+    with pytest.raises(ValueError, match="model.rspg.type"):
+        build_model(load_config(ROOT / "config" / "toy" / "toy.yaml", ["model.rspg.type=pspnet"]))
+    with pytest.raises(ValueError, match="ResNet-50/101"):
+        build_model(load_config(ROOT / "config" / "pascal" / "pascal_split0_vgg.yaml", ["train.stage=sccan"]))
+
+
+def test_sccan_then_sam_rsp_over_sccan_then_test(toy_root, tmp_path):
+    from tests.conftest import tiny_toy_overrides
+    from util.engine import test, train
+    sccan_size = ["model.sccan.reduce_dim=16", "model.sccan.num_heads=2", "model.sccan.depth=2"]
+
+    def cfg(out, *extra):
+        return load_config(ROOT / "config" / "toy" / "toy.yaml",
+                           tiny_toy_overrides(toy_root, tmp_path / "cache", out) + sccan_size + list(extra))
+
+    sccan = train(cfg(tmp_path / "sccan", "train.stage=sccan", "train.sccan.epochs=1", "train.iters_per_epoch=3",
+                      "train.sccan.batch_size=2"))
+    assert sccan["global_step"] == 3
+    last = torch.load(tmp_path / "sccan" / "last.pth", weights_only=True)
+    assert sorted(last["optimizer"]) == ["adamw", "sgd"]
+    over = train(cfg(tmp_path / "over", "train.stage=sam_rsp", "model.rspg.type=sccan", "train.sam_rsp.epochs=1",
+                     "train.iters_per_epoch=2", f"model.rspg.checkpoint={tmp_path / 'sccan' / 'best.pth'}"))
+    assert over["global_step"] == 2
+    results = test(cfg(tmp_path / "test", "model.rspg.type=sccan", f"weights={tmp_path / 'over' / 'best.pth'}",
+                       "eval.protocol=sccan"), progress=False)
+    assert results["protocol"] == "sccan" and results["seeds"] == [321] and results["episodes"] == 12
+    assert results["rspg"] == "SCCAN" and "prompt_miou_mean" in results
+    saved = json.loads((tmp_path / "test" / "results.json").read_text())
+    assert saved["protocol"] == "sccan" and saved["stage"] == "sam_rsp"
+    # an SCCAN tested on its own: the same protocol, SCCAN's logits as the final output
+    alone = test(cfg(tmp_path / "test_alone", "train.stage=sccan", f"weights={tmp_path / 'sccan' / 'best.pth'}"),
+                 progress=False)
+    assert alone["model"] == "SCCAN" and "prompt_miou_mean" not in alone and alone["seeds"] == [1, 2]
