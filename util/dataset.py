@@ -25,6 +25,7 @@ A sample is a dict of named tensors:
                                    side S = max(h, w) filled with 255 (batched: padded with 255)
     query_ori_size   2 long        (h, w)
     image_id         str
+    query_path       str           the query image file (decoded again by eval.refine=fastsam)
 """
 from __future__ import annotations
 
@@ -312,6 +313,7 @@ class EpisodeDataset(Dataset):
             sample["query_label_ori"] = torch.from_numpy(pad_label_square(masks[0], self.ignore_label)).long()
             sample["query_ori_size"] = torch.tensor(label.shape)
             sample["image_id"] = Path(self.fold_list.entries[query].image).stem
+            sample["query_path"] = str(self.source.root / self.fold_list.entries[query].image)
         return sample
 
 

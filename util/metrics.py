@@ -132,3 +132,12 @@ def predict_at_original_resolution(logits: torch.Tensor, ori_sizes: torch.Tensor
 def crop_targets(labels: torch.Tensor, ori_sizes: torch.Tensor) -> list[torch.Tensor]:
     """The square original-resolution labels of a collated batch, without the batch padding."""
     return [label[:max(h, w), :max(h, w)] for label, (h, w) in zip(labels, ori_sizes.tolist())]
+
+
+def foreground_probability_at_original_resolution(logits: torch.Tensor, ori_sizes: torch.Tensor) -> list[torch.Tensor]:
+    """The foreground probability each sample's B x 2 x h' x w' logits give at ITS original size
+    h x w: upsampled exactly as :func:`predict_at_original_resolution` does (bilinear,
+    align_corners, to the square of side max(h, w)), soft-maxed over the 2 channels and
+    cropped to the image's top-left h x w (float32 maps)."""
+    return [upsample_to_original_square(sample_logits[None], (h, w)).softmax(1)[0, 1, :h, :w]
+            for sample_logits, (h, w) in zip(logits, ori_sizes.tolist())]

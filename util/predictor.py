@@ -371,3 +371,108 @@ class Predictor:
         if return_prompts:
             result["prompts"] = np.stack(prompts)
         return result
+
+
+# ---------------------------------------------------------------------------------------------
+# FastSAM: refinement of the predictor's output, and an interactive segmenter (no support set)
+# ---------------------------------------------------------------------------------------------
+
+class FastSAMSegmenter:
+    """FastSAM instance proposals of an image, selected by prompts (SPEC_FASTSAM 5.2 (a)).
+
+        from util.predictor import FastSAMSegmenter
+        seg = FastSAMSegmenter.from_cfg(cfg, weights="initmodel/FastSAM/FastSAM-s.pt")   # or FastSAMSegmenter(proposer)
+        seg.set_image(image)                                           # RGB uint8 H x W x 3 (proposals cached)
+        seg.predict(points=[[120, 80]], point_labels=[1])              # {'mask': H x W bool, 'indices': ..., ...}
+        seg.predict(boxes=[[10, 20, 200, 180]])                        # x2 / y2 exclusive
+        seg.refine(image, result["prob"], result["mask"])              # a Predictor's output refined
+
+    Prompts select among the proposals (model/fastsam_select.py, ultralytics 8.4's rules): a box
+    takes the proposal of highest mask-vs-box IoU (several boxes: the union); points keep every
+    proposal holding a foreground point and no background point; with both, the points filter
+    the proposals the boxes selected (ultralytics' order). ``refine`` is
+    :func:`model.fastsam_select.select_by_mask` with the fallback to the model's own mask.
+
+    Needs the optional extra (``pip install -r requirements-fastsam.txt``, AGPL-3.0) and a
+    FastSAM weight file; both are checked when the segmenter is built
+    (:class:`model.fastsam.FastSAMWeightsError`, :class:`model.fastsam.FastSAMUnavailable`).
+    """
+
+    def __init__(self, proposer, *, purity: float = 0.6, nested: float = 0.9, guard_iou: float = 0.5) -> None:
+        self.proposer = proposer
+        self.purity, self.nested, self.guard_iou = float(purity), float(nested), float(guard_iou)
+        self._image: Optional[np.ndarray] = None
+        self._proposals: Optional[Dict[str, torch.Tensor]] = None
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping, *, weights: str | os.PathLike = "", device: str = "") -> "FastSAMSegmenter":
+        """Built from ``model.fastsam`` (``weights``: default ``model.fastsam.weights``, relative paths from
+        the project root; ``device``: default the config's ``device``)."""
+        from model.fastsam import FastSAMProposer, FastSAMWeightsError
+        fs = cfg["model"]["fastsam"]
+        weights = str(weights) if weights else fs["weights"]
+        path = resolve_path(weights, cfg) if weights else ""
+        try:
+            proposer = FastSAMProposer(path, imgsz=fs["imgsz"], conf=fs["conf"], iou=fs["iou"],
+                                       retina_masks=fs["retina_masks"], max_det=fs["max_det"],
+                                       device=str(resolve_device(device or cfg["device"])), cache_mb=fs["cache_mb"])
+        except FastSAMWeightsError:
+            raise
+        except ValueError as err:
+            raise PredictorError(f"model.fastsam: {err}") from err
+        return cls(proposer, purity=fs["purity"], nested=fs["nested"], guard_iou=fs["guard_iou"])
+
+    @staticmethod
+    def _uint8(image, what: str) -> np.ndarray:
+        image = as_rgb_image(image, what=what)
+        return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+    def proposals(self, image, *, what: str = "image") -> Dict[str, torch.Tensor]:
+        """FastSAM's proposals of ``image`` (RGB H x W x 3) at its size (cached per image)."""
+        return self.proposer.proposals(self._uint8(image, what))
+
+    def set_image(self, image, *, what: str = "image") -> None:
+        """The image the next :meth:`predict` calls select on (its proposals are computed here)."""
+        self._image = self._uint8(image, what)
+        self._proposals = self.proposer.proposals(self._image)
+
+    def predict(self, *, points=None, point_labels=None, boxes=None) -> Dict[str, object]:
+        """Select proposals of the image of :meth:`set_image` with ``points`` (P x 2 (x, y) pixels;
+        ``point_labels`` 1 foreground / 0 background, default all 1) and / or ``boxes`` (B x 4
+        (x1, y1, x2, y2), x2 / y2 exclusive). Returns ``mask`` (H x W bool numpy: the union of
+        the selected proposals, all False when none is), ``indices`` (int64 numpy) and
+        ``num_proposals``."""
+        from model.fastsam_select import SelectionError, select_by_box, select_by_points, union_of
+        if self._proposals is None:
+            raise PredictorError("no image: call set_image(image) before predict()")
+        if points is None and boxes is None:
+            raise PredictorError("predict() needs points= and / or boxes=")
+        masks, runs = self._proposals["masks"], self._proposals["runs"]
+        try:
+            indices = torch.arange(masks.shape[0])
+            if boxes is not None:
+                indices = select_by_box(masks, torch.as_tensor(boxes), runs=runs)
+            if points is not None:
+                kept = select_by_points(masks[indices], torch.as_tensor(points),
+                                        None if point_labels is None else torch.as_tensor(point_labels))
+                indices = indices[kept]
+        except SelectionError as err:
+            raise PredictorError(str(err)) from err
+        mask = union_of(masks, indices, runs=runs)
+        return {"mask": mask.cpu().numpy(), "indices": indices.cpu().numpy(), "num_proposals": int(masks.shape[0])}
+
+    def refine(self, image, prob, mask=None, *, what: str = "query") -> Dict[str, object]:
+        """A few-shot prediction refined by the proposals of ``image``: ``prob`` (H x W foreground
+        probability, e.g. :meth:`Predictor.predict`'s ``prob``), ``mask`` (the model's own mask, default
+        ``prob > 0.5``). Returns ``mask`` (H x W bool), ``fallback`` ("" when the proposals were
+        taken, else why the model's mask was kept), ``indices`` and ``num_proposals``."""
+        from model.fastsam_select import SelectionError, select_by_mask
+        found = self.proposals(image, what=what)
+        try:
+            selection = select_by_mask(found["masks"], torch.as_tensor(np.asarray(prob, np.float32)), runs=found["runs"],
+                                       model_mask=None if mask is None else torch.as_tensor(np.asarray(mask, bool)),
+                                       purity=self.purity, nested=self.nested, guard_iou=self.guard_iou)
+        except SelectionError as err:
+            raise PredictorError(str(err)) from err
+        return {"mask": selection.mask.cpu().numpy(), "fallback": selection.fallback,
+                "indices": selection.indices.cpu().numpy(), "num_proposals": int(found["masks"].shape[0])}

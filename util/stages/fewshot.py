@@ -14,7 +14,7 @@ import torch
 from model import build_model
 from util.dataset import build_base_dataset, build_episodes, build_source
 from util.distributed import ProcessInfo
-from util.evaluation import evaluate_episodes, evaluate_segmentation, format_results, run_test_protocol
+from util.evaluation import build_refiner, evaluate_episodes, evaluate_segmentation, format_results, run_test_protocol
 from util.feature_cache import all_reduce_counts, build_runner
 from util.losses import bam_loss, base_loss, sam_rsp_loss
 from util.config import ConfigError
@@ -104,7 +104,10 @@ def episode_val_runner(cfg: Mapping, device: torch.device, log: Callable[[str], 
 def episodic_test(model, cfg: Mapping, *, proc: ProcessInfo, out_dir: Path, log: Callable[[str], None],
                   runner=None, progress: bool = True) -> dict:
     """The few-shot test protocol (util.evaluation.run_test_protocol) with one feature cache for
-    every seed, ``vis=N`` episode pictures and a per-class IoU chart."""
+    every seed, ``vis=N`` episode pictures, a per-class IoU chart and, with ``eval.refine=fastsam``,
+    the FastSAM-refined output scored beside the others (util.evaluation.build_refiner: its
+    weights and the extra are checked here, before any episode)."""
+    refiner = build_refiner(cfg, device=proc.device, log=log, model=getattr(model, "module", model))
     # one runner (and so one feature cache) for every seed of the protocol
     runner = runner or build_runner(cfg, device=proc.device, log=log)
     if cfg["vis"] < 0:
@@ -114,7 +117,9 @@ def episodic_test(model, cfg: Mapping, *, proc: ProcessInfo, out_dir: Path, log:
         from util.vis import episode_pictures_factory
         pictures = episode_pictures_factory(cfg, out_dir=out_dir / "vis", num_episodes=cfg["vis"])
     results = run_test_protocol(model, cfg, proc=proc, runner=runner, progress=progress, log=log,
-                                on_batch_factory=pictures)
+                                on_batch_factory=pictures, refiner=refiner)
+    if refiner is not None:
+        results["refine_stats"] = all_reduce_counts(refiner.stats, proc.device)
     counts = all_reduce_counts(runner.stats, proc.device)
     results.update(encoder_calls=counts["encoder_calls"], cache_hits=counts["cache_hits"], cache_counts=counts)
     log(f"query encoder calls: {counts['encoder_calls']}, cache hits: {counts['cache_hits']}"
