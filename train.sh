@@ -4,6 +4,9 @@
 #                                                    train the 3 stages on fold 0, test 1-shot, print the table
 #   bash train.sh toy-sccan                          the same, plus SCCAN and SAM-RSP over SCCAN, and one table:
 #                                                    baseline, BAM, SCCAN, SAM-RSP(BAM), SAM-RSP(SCCAN)
+#   bash train.sh toy-weakshot                       weak-shot segmentation on the toy (fold 0 novel = image labels
+#                                                    only): base-only, SimFormer w/o SimNet, SimFormer, fully
+#                                                    supervised; one table of base / novel / all / harmonic mIoU
 #   bash train.sh CONFIG [key=value ...]             one stage (train.stage from the config or an override)
 #   bash train.sh DATASET SPLIT BACKBONE [SHOT] [key=value ...]
 #                                                    e.g. bash train.sh pascal 0 resnet50 5 train.stage=bam
@@ -38,6 +41,20 @@ if [ "$1" = "toy-sccan" ]; then   # + SCCAN and SAM-RSP over SCCAN; one table of
   [ -f "$OUT/test/results.json" ] || run_python test.py "$CFG" weights="$OUT/sam_rsp/best.pth" output_dir="$OUT/test"
   run_python test.py "$CFG" model.rspg.type=sccan weights="$OUT/sam_rsp_sccan/best.pth" output_dir="$OUT/test_sccan"
   "$PYTHON" -m util.toy_report "$OUT/test/results.json" "$OUT/test_sccan/results.json"
+  exit 0
+fi
+if [ "$1" = "toy-weakshot" ]; then   # SimFormer and its three variants on the toy; one table (util/weakshot_report.py)
+  shift
+  "$PYTHON" -m util.prepare toy
+  WS=${OUT_WEAKSHOT:-exp/toy/weakshot}
+  for variant in base_only no_simnet simformer full; do
+    config=config/toy/weakshot_$variant.yaml
+    [ "$variant" = simformer ] && config=config/toy/weakshot.yaml
+    run_python train.py "$config" output_dir="$WS/$variant" resume=auto "$@"
+    [ -f "$WS/test_$variant/results.json" ] || \
+      run_python test.py "$config" weights="$WS/$variant/best.pth" output_dir="$WS/test_$variant" "$@"
+  done
+  "$PYTHON" -m util.weakshot_report "$WS"/test_{base_only,no_simnet,simformer,full}/results.json
   exit 0
 fi
 resolve_config "$@"

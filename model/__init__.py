@@ -1,5 +1,6 @@
 """The models of every stage: the PSPNet base learner (``base``), BAM (``bam``), SAM-RSP
-(``sam_rsp``, over a BAM or an SCCAN prompt generator: ``model.rspg.type``) and SCCAN (``sccan``).
+(``sam_rsp``, over a BAM or an SCCAN prompt generator: ``model.rspg.type``), SCCAN (``sccan``) and
+SimFormer (``simformer``, weak-shot semantic segmentation).
 
 ``build_model(cfg)`` builds the model of ``cfg.train.stage`` from the ``model`` and ``data``
 config sections; it reads no file. Weights are loaded afterwards with
@@ -22,7 +23,8 @@ from .sam_rsp import SAMRSP
 __all__ = [
     "BAM", "BUILDERS", "PPM", "PSPNet", "ResNetBackbone", "SAMRSP", "SAMRSPDecoder", "SAM_CHECKPOINT_NAMES",
     "SAM_ENCODER_SPECS", "SDPAAttention", "VGGBackbone", "build_backbone", "build_bam", "build_model",
-    "build_pspnet", "build_sam_rsp", "build_sam_encoder", "build_sccan", "pixel_prototype", "set_attention",
+    "build_pspnet", "build_sam_rsp", "build_sam_encoder", "build_sccan", "build_simformer_from_config",
+    "pixel_prototype", "set_attention",
 ]
 
 
@@ -106,11 +108,37 @@ def build_sam_rsp(cfg: Mapping) -> SAMRSP:
     return set_attention(model, sam["attention"])
 
 
+def build_simformer_from_config(cfg: Mapping) -> nn.Module:
+    """Stage ``simformer``: SimFormer (MaskFormer R50 + the SimNet criterion) from ``model.simformer``;
+    K = the dataset's classes + background, the novel classes = fold ``data.split``'s (none for
+    ``train.simformer.supervision=full``: every class then has pixel masks)."""
+    from util.folds import make_fold
+    from .simformer import build_simformer
+    s = cfg["model"]["simformer"]
+    fold = make_fold(cfg["data"])
+    novel = () if cfg["train"]["simformer"]["supervision"] == "full" else fold.novel
+    matcher = {"column_order": s["column_order"], "novel_mask_cost": s["novel_mask_cost"]}
+    criterion = {k: s[k] for k in (
+        "no_object_weight", "cls_weight", "mask_focal_weight", "mask_dice_weight", "comp_weight", "comp_floor_logit",
+        "sim_weight", "dist_weight", "dist_func", "base_points", "base_pos_frac", "novel_points", "base_detach",
+        "deep_supervision", "balance_window", "balance_stride", "student_pairs", "distill_padding", "teacher_bn",
+        "pair_layout", "balance_state", "recompute_mask_losses")}
+    return build_simformer(
+        num_classes=fold.num_classes + 1, novel_ids=novel, backbone_blocks=list(s["backbone_blocks"]),
+        backbone_width=int(s["backbone_width"]), backbone_norm=s["backbone_norm"],
+        conv_dim=int(s["conv_dim"]), mask_dim=int(s["mask_dim"]), hidden_dim=int(s["hidden_dim"]),
+        num_queries=int(s["num_queries"]), nheads=int(s["nheads"]), dim_feedforward=int(s["dim_feedforward"]),
+        dec_layers=int(s["dec_layers"]), dropout=float(s["dropout"]), simnet=bool(s["simnet"]),
+        simnet_hidden=int(s["simnet_hidden"]), simnet_layers=int(s["simnet_layers"]), simnet_bn=bool(s["simnet_bn"]),
+        residual_add=s["residual_add"], matcher_kwargs=matcher, criterion_kwargs=criterion)
+
+
 BUILDERS: Dict[str, Callable[[Mapping], nn.Module]] = {
     "base": build_pspnet,
     "bam": build_bam,
     "sam_rsp": build_sam_rsp,
     "sccan": build_sccan,
+    "simformer": build_simformer_from_config,
 }
 
 

@@ -58,17 +58,37 @@ class FrozenBNResNet(nn.Module):
     "res4": B x 1024 x H/16, "res5": B x 2048 x H/32}`` (channels at ``blocks`` = any; the
     widths are ResNet-50's). ``blocks`` = bottlenecks per stage, (3, 4, 6, 3) = ResNet-50;
     (1, 1, 1, 1) gives a cheap network of the same interface for tests.
+
+    Toy options (defaults = the original): ``width`` = the stem / first-stage width (64 = ResNet's;
+    stage widths ``width x (1, 2, 4, 8)``, outputs x 4); ``norm="bn"`` trainable BatchNorm instead
+    of the frozen one (a randomly initialised backbone has no statistics worth freezing).
     """
 
     out_channels: Dict[str, int] = {"res2": 256, "res3": 512, "res4": 1024, "res5": 2048}
     strides: Dict[str, int] = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
-    def __init__(self, *, blocks: Sequence[int] = (3, 4, 6, 3)) -> None:
+    def __init__(self, *, blocks: Sequence[int] = (3, 4, 6, 3), width: int = 64, norm: str = "frozen_bn") -> None:
         super().__init__()
         if len(blocks) != 4 or any(int(b) < 1 for b in blocks):
             raise ValueError(f"ResNet blocks must be 4 positive counts, got {list(blocks)}")
-        net = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [int(b) for b in blocks],
-                                               norm_layer=FrozenBatchNorm2d)
+        if norm not in ("frozen_bn", "bn"):
+            raise ValueError(f"norm must be frozen_bn or bn, got {norm!r}")
+        norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
+        bottleneck = torchvision.models.resnet.Bottleneck
+        net = torchvision.models.resnet.ResNet(bottleneck, [int(b) for b in blocks], norm_layer=norm_layer)
+        width = int(width)
+        if width != 64:
+            net.inplanes = width
+            net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+            net.bn1 = norm_layer(width)
+            net.layer1 = net._make_layer(bottleneck, width, int(blocks[0]))
+            net.layer2 = net._make_layer(bottleneck, 2 * width, int(blocks[1]), stride=2)
+            net.layer3 = net._make_layer(bottleneck, 4 * width, int(blocks[2]), stride=2)
+            net.layer4 = net._make_layer(bottleneck, 8 * width, int(blocks[3]), stride=2)
+            for m in net.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            self.out_channels = {"res2": 4 * width, "res3": 8 * width, "res4": 16 * width, "res5": 32 * width}
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             self.add_module(name, getattr(net, name))
 

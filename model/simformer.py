@@ -305,7 +305,8 @@ class SimFormer(nn.Module):
 
 
 def build_simformer(*, num_classes: int, novel_ids: Sequence[int],
-                    backbone_blocks: Optional[Sequence[int]] = (3, 4, 6, 3),
+                    backbone_blocks: Optional[Sequence[int]] = (3, 4, 6, 3), backbone_width: int = 64,
+                    backbone_norm: str = "frozen_bn",
                     in_channels: Sequence[int] = (256, 512, 1024, 2048), conv_dim: int = 256, mask_dim: int = 256,
                     hidden_dim: int = 256, num_queries: int = 100, nheads: int = 8, dim_feedforward: int = 2048,
                     dec_layers: int = 6, dropout: float = 0.1, simnet: bool = True, simnet_hidden: int = 256,
@@ -316,7 +317,8 @@ def build_simformer(*, num_classes: int, novel_ids: Sequence[int],
 
     ``backbone_blocks=None`` builds no backbone (the caller passes res2..res5 features, whose
     channels are ``in_channels``); otherwise a :class:`~model.maskformer.FrozenBNResNet` with those
-    blocks (its channels are ResNet-50's). ``simnet=False`` gives the ``sK_seg`` model (no pair
+    blocks (its channels are ResNet-50's; ``backbone_width`` / ``backbone_norm``: the toy's narrower,
+    trainable-BN variant). ``simnet=False`` gives the ``sK_seg`` model (no pair
     terms). ``matcher_kwargs`` / ``criterion_kwargs`` go to
     :class:`~model.simformer_criterion.HungarianMatcher` / ``SimFormerCriterion`` (loss weights,
     points, the defect switches).
@@ -326,7 +328,7 @@ def build_simformer(*, num_classes: int, novel_ids: Sequence[int],
 
     backbone = None
     if backbone_blocks is not None:
-        backbone = FrozenBNResNet(blocks=backbone_blocks)
+        backbone = FrozenBNResNet(blocks=backbone_blocks, width=backbone_width, norm=backbone_norm)
         in_channels = tuple(backbone.out_channels[name] for name in ("res2", "res3", "res4", "res5"))
     head = MaskFormerHead(in_channels=in_channels, num_classes=num_classes, conv_dim=conv_dim, mask_dim=mask_dim,
                           hidden_dim=hidden_dim, num_queries=num_queries, nheads=nheads,

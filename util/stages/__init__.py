@@ -10,6 +10,7 @@ stage          module                      what it trains
 ``bam``        util/stages/fewshot.py      BAM meta learner over the frozen base learner
 ``sam_rsp``    util/stages/fewshot.py      SAM-RSP decoder over a frozen RSP generator + SAM
 ``sccan``      util/stages/sccan.py        SCCAN (one stage: frozen ImageNet backbone)
+``simformer``  util/stages/simformer.py    SimFormer: weak-shot semantic segmentation (MaskFormer)
 =============  ==========================  =====================================================
 
 A stage declares:
@@ -156,7 +157,8 @@ class Stage:
 def _table() -> Dict[str, Stage]:
     from util.stages.fewshot import BAM_STAGE, BASE_STAGE, SAM_RSP_STAGE
     from util.stages.sccan import SCCAN_STAGE
-    return {stage.name: stage for stage in (BASE_STAGE, BAM_STAGE, SAM_RSP_STAGE, SCCAN_STAGE)}
+    from util.stages.simformer import SIMFORMER_STAGE
+    return {stage.name: stage for stage in (BASE_STAGE, BAM_STAGE, SAM_RSP_STAGE, SCCAN_STAGE, SIMFORMER_STAGE)}
 
 
 STAGES: Dict[str, Stage] = _table()
