@@ -5,6 +5,7 @@
     python -m util.prepare toy                 # the built-in toy benchmark under data/toy
     python -m util.prepare lists --dataset pascal
     python -m util.prepare coco_masks --root data/coco
+    python -m util.prepare kvasir --root data/kvasir    # CAT-SAM lists (also whu, sbu; util.cat_sam_prepare)
 
 A command is a module exposing ``add_arguments(parser)`` and ``run(args)``; registering one is
 a single line in :data:`COMMANDS`.
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from typing import Callable, Sequence
 
-from util import coco, lists, toy
+from util import cat_sam_prepare, coco, lists, toy
 from util.io import DataError
 
 # name -> (add_arguments, run, one-line help)
@@ -23,6 +25,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "toy": (toy.add_arguments, toy.run, "generate the built-in synthetic toy benchmark (default data/toy)"),
     "lists": (lists.add_arguments, lists.run, "write the PASCAL/COCO image lists and check the per-fold counts"),
     "coco_masks": (coco.add_arguments, coco.run, "render COCO2014 class-index PNG masks from instances_*.json"),
+    **{name: (partial(cat_sam_prepare.add_arguments, dataset=name), cat_sam_prepare.run,
+              f"CAT-SAM: write the {name} lists (train/test, fixed 1-/16-shot) from the original layout")
+       for name in cat_sam_prepare.DATASETS},
 }
 
 
