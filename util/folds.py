@@ -118,4 +118,8 @@ def make_fold(data_cfg: Mapping, class_names: Sequence[str] | None = None) -> Fo
         novel = tuple(sorted(names.index(n) + 1 for n in folds[split]))
         base = tuple(c for c in range(1, len(names) + 1) if c not in novel)
         return Fold(names, base, novel)
-    raise ConfigError(f"data.dataset must be one of pascal, coco, toy, custom; got {dataset!r}")
+    from util.weakshot_benchmarks import BENCHMARKS, benchmark_fold
+    if dataset in BENCHMARKS:   # weak-shot only (COCO-Stuff-10K, ADE20K): label value 0 is a class
+        return benchmark_fold(data_cfg)
+    raise ConfigError(f"data.dataset must be one of pascal, coco, toy, custom, {', '.join(BENCHMARKS)}; "
+                      f"got {dataset!r}")

@@ -17,7 +17,7 @@ import sys
 from functools import partial
 from typing import Callable, Sequence
 
-from util import cat_sam_prepare, coco, lists, toy
+from util import cat_sam_prepare, coco, lists, toy, weakshot_benchmarks
 from util.io import DataError
 
 # name -> (add_arguments, run, one-line help)
@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     **{name: (partial(cat_sam_prepare.add_arguments, dataset=name), cat_sam_prepare.run,
               f"CAT-SAM: write the {name} lists (train/test, fixed 1-/16-shot) from the original layout")
        for name in cat_sam_prepare.DATASETS},
+    "cocostuff10k": (weakshot_benchmarks.add_cocostuff10k_arguments, weakshot_benchmarks.run_cocostuff10k,
+                     "SimFormer: COCO-Stuff-10K label PNGs (from the .mat files) and lists, ROOT = the release"),
+    "ade20k": (weakshot_benchmarks.add_ade20k_arguments, weakshot_benchmarks.run_ade20k,
+               "SimFormer: ADE20K-150 label PNGs (value - 1) and lists, ROOT = ADEChallengeData2016"),
 }
 
 

@@ -98,6 +98,8 @@ class WeakShotSplit:
 
 
 def weakshot_split(source: DataSource) -> WeakShotSplit:
+    if hasattr(source, "weakshot_split"):      # util.weakshot_benchmarks: no background class
+        return source.weakshot_split()
     fold = source.fold
     names = ("background",) + tuple(fold.class_names)
     return WeakShotSplit(source.dataset, source.split, names, (0,) + tuple(fold.base), tuple(fold.novel))
@@ -286,6 +288,14 @@ def collate_list(batch: Sequence[dict]) -> dict:
     return {key: [sample[key] for sample in batch] for key in batch[0]}
 
 
+def _build_source(cfg: Mapping, log: Callable[[str], None]) -> DataSource:
+    """``data.dataset``'s source; COCO-Stuff-10K and ADE20K from util.weakshot_benchmarks."""
+    from util.weakshot_benchmarks import BENCHMARKS, build_benchmark_source
+    if cfg["data"]["dataset"] in BENCHMARKS:
+        return build_benchmark_source(cfg, log=log)
+    return build_source(cfg, log=log)
+
+
 def _world_size() -> int:
     import torch.distributed as dist
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -294,7 +304,7 @@ def _world_size() -> int:
 def build_weakshot_data(cfg: Mapping, log: Callable[[str], None] = print, *, pairs: Optional[bool] = None):
     """(train set, val set, split) of the config's weak-shot view (``train.simformer``)."""
     stage, data = cfg["train"]["simformer"], cfg["data"]
-    source = build_source(cfg, log=log)
+    source = _build_source(cfg, log)
     split = weakshot_split(source)
     if pairs is None:
         pairs = bool(cfg["model"]["simformer"]["simnet"])
@@ -326,7 +336,7 @@ def build_weakshot_data(cfg: Mapping, log: Callable[[str], None] = print, *, pai
 def build_weakshot_test_set(cfg: Mapping, log: Callable[[str], None] = print):
     """(every val image, split) for the test protocol."""
     stage = cfg["train"]["simformer"]
-    source = build_source(cfg, log=log)
+    source = _build_source(cfg, log)
     split = weakshot_split(source)
     return WeakShotEvalSet(source=source, split=split, short_side=stage["val_short_side"],
                            max_side=stage["val_max_side"]), split
