@@ -45,7 +45,7 @@ def read_list(path: Path):
 @pytest.mark.parametrize("dataset", cp.DATASETS)
 def test_lists_written_with_fixed_samples(tmp_path, dataset):
     root = make_tree(tmp_path / dataset, dataset)
-    assert prepare.main([dataset, "--root", str(root)]) == 0
+    assert prepare.main([dataset, "--root", str(root), "--binarize"]) == 0
     for name in ("train", "test", "train_1shot", "train_16shot"):
         assert (root / f"{name}.txt").is_file()
     assert not (root / "val.txt").exists()
@@ -66,7 +66,7 @@ def test_lists_written_with_fixed_samples(tmp_path, dataset):
 
 def test_sbu_binarisation_uses_the_original_threshold(tmp_path):
     root = make_tree(tmp_path / "sbu", "sbu")
-    prepare.main(["sbu", "--root", str(root)])
+    prepare.main(["sbu", "--root", str(root), "--binarize"])
     img, msk = read_list(root / "train_1shot.txt")[0]
     assert msk == "masks_binary/train/lssd1109.png"
     assert (np.asarray(Image.open(root / msk)) > 127).sum() == 12      # the value-40 pixels are foreground (> 0)
@@ -74,11 +74,25 @@ def test_sbu_binarisation_uses_the_original_threshold(tmp_path):
 
 def test_no_binarize_lists_original_masks(tmp_path):
     root = make_tree(tmp_path / "kv", "kvasir")
-    prepare.main(["kvasir", "--root", str(root), "--no-binarize"])
+    prepare.main(["kvasir", "--root", str(root)])
     img, msk = read_list(root / "train_1shot.txt")[0]
     assert (img, msk) == ("TrainDataset/image/cju0roawvklrq0799vmjorwfv.png",
                           "TrainDataset/masks/cju0roawvklrq0799vmjorwfv.png")
     assert not (root / "masks_binary").exists()
+
+
+def test_val_holds_out_non_fixed_train_images(tmp_path):
+    root = make_tree(tmp_path / "kv", "kvasir", extra_train=("a1", "a2", "a3", "a4"))
+    assert prepare.main(["kvasir", "--root", str(root), "--val", "2"]) == 0
+    val = [Path(img).stem for img, _ in read_list(root / "val.txt")]
+    train = [Path(img).stem for img, _ in read_list(root / "train.txt")]
+    assert len(val) == 2 and set(val) <= {"a1", "a2", "a3", "a4"} and not set(val) & set(train)
+    assert len(train) == 18 and set(cp.SIXTEEN_SHOT["kvasir"]) <= set(train)
+    first = (root / "val.txt").read_text()
+    prepare.main(["kvasir", "--root", str(root), "--val", "2"])
+    assert (root / "val.txt").read_text() == first                  # fixed seed
+    with pytest.raises(DataError, match="--val 9"):
+        cp.prepare("kvasir", root, val=9)
 
 
 def test_kvasir_leaves_out_digit_stems_and_other_test_folders(tmp_path):
@@ -95,20 +109,20 @@ def test_whu_test_is_val_split_and_spaces_go_through_a_link(tmp_path):
     root = make_tree(tmp_path / "whu", "whu")
     _pair(root / cp.WHU_TILES / "test/image", root / cp.WHU_TILES / "test/label", "unused", ".tif", ".tif")
     out = tmp_path / "lists out"
-    assert prepare.main(["whu", "--root", str(root), "--out", str(out), "--no-binarize"]) == 0
+    assert prepare.main(["whu", "--root", str(root), "--out", str(out), "--val", "0"]) == 0
     test = read_list(out / "test.txt")
     assert [line[0] for line in test] == ["whu_tiles/val/image/t1.tif", "whu_tiles/val/image/t2.tif"]
     assert (out / "whu_tiles").is_symlink() and (out / test[0][1]).is_file()
     train = read_list(out / "train.txt")
     assert [Path(img).stem for img, _ in train][:3] == ["168", "515", "807"]      # natural order
     # rerunning keeps the link
-    assert prepare.main(["whu", "--root", str(root), "--out", str(out), "--no-binarize"]) == 0
+    assert prepare.main(["whu", "--root", str(root), "--out", str(out), "--val", "0"]) == 0
 
 
 def test_out_dir_paths_relative_to_out(tmp_path):
     root = make_tree(tmp_path / "sbu", "sbu")
     out = tmp_path / "generic"
-    prepare.main(["sbu", "--root", str(root), "--out", str(out), "--no-binarize"])
+    prepare.main(["sbu", "--root", str(root), "--out", str(out), "--val", "0"])
     img, msk = read_list(out / "train_1shot.txt")[0]
     assert img == "../sbu/SBU-shadow/SBUTrain4KRecoveredSmall/ShadowImages/lssd1109.jpg"
     assert (out / img).is_file() and (out / msk).is_file()

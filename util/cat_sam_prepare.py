@@ -9,8 +9,8 @@ Reads a dataset in the ORIGINAL CAT-SAM layout (SPEC_CAT_SAM 8) and writes, into
 
     train.txt  test.txt  train_1shot.txt  train_16shot.txt
 
-one ``<image path> <mask path>`` per line, paths relative to ``--out``. No ``val.txt``: the
-original has no validation split (it selects checkpoints on its test set, SPEC_CAT_SAM 9).
+one ``<image path> <mask path>`` per line, paths relative to ``--out``; ``val.txt`` only with
+``--val N`` (below).
 
 Splits (the original's ``data/<name>/preprocess.py``, SPEC_CAT_SAM 8):
 
@@ -26,12 +26,16 @@ stems), not as indices: ``train_1shot.txt`` holds the 1-shot stem, ``train_16sho
 stems in the SPEC's order (the 1-shot sample is in each 16-shot list). A fixed sample missing from
 the train split is an error (the download is incomplete or a different version).
 
-Masks: the generic format's foreground is ``value > 127``, but the original binarises each
-dataset with its own threshold (SPEC_CAT_SAM 6: WHU > 254, Kvasir > 254, SBU > 0; read as PIL
-"L"). With ``--binarize`` (default) every mask is rewritten as a 0/255 PNG with the original's
-threshold into ``<out>/masks_binary/{train,test}/<stem>.png`` and the lists point there, so
-``> 127`` on those files is exactly the original's foreground; ``--no-binarize`` lists the
-original mask files (exact only where they are already 0/255).
+Masks are listed as they are: the CAT-SAM stage binarises them with
+``data.cat_sam.mask_threshold`` (default > 127; config/cat_sam/sbu.yaml: > 0). ``--binarize``
+instead rewrites every mask as a 0/255 PNG with the ORIGINAL's threshold (SPEC_CAT_SAM 6: WHU
+> 254, Kvasir > 254, SBU > 0; read as PIL "L") into ``<out>/masks_binary/{train,test}/<stem>.png``
+and lists those, so any threshold in 0..254 then selects exactly the original's foreground
+(Kvasir's JPEG-born masks: the original's > 254 drops the compressed 240-254 values inside polyps).
+
+Validation: the original has none (it selects checkpoints on its test set). ``--val N`` writes a
+``val.txt`` of N training images drawn with a fixed seed (0) among those that are NOT one of the
+fixed few-shot samples, and leaves them out of ``train.txt`` (full-data training never sees them).
 
 List lines are split on whitespace, so a path with a space cannot go into a list: WHU's folder
 ``3. The cropped image tiles and raster labels`` is reached through a relative symbolic link
@@ -217,7 +221,7 @@ def _link(out: Path, name: str, target: Path) -> None:
 
 
 def prepare(dataset: str, root: str | os.PathLike, out: Optional[str | os.PathLike] = None, *,
-            binarize: bool = True, log=print) -> Dict[str, Path]:
+            binarize: bool = False, val: int = 0, log=print) -> Dict[str, Path]:
     """Write the generic lists of ``dataset`` (see the module docstring); returns name -> list path."""
     if dataset not in LAYOUTS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
@@ -227,6 +231,17 @@ def prepare(dataset: str, root: str | os.PathLike, out: Optional[str | os.PathLi
     out = Path(out) if out is not None else root
     splits = {split: scan_split(root, dataset, split) for split in ("train", "test")}
     shots = {1: fewshot(dataset, splits["train"], 1), 16: fewshot(dataset, splits["train"], 16)}
+    val_entries: List[Tuple[str, Path, Path]] = []
+    if val:
+        fixed = set(SIXTEEN_SHOT[dataset])
+        pool = [entry for entry in splits["train"] if entry[0] not in fixed]
+        if not 0 < val < len(pool):
+            raise DataError(f"--val {val}: pick 1..{len(pool) - 1} (the train split has {len(pool)} images besides "
+                            "the fixed few-shot samples)")
+        chosen = set(np.random.default_rng(0).choice(len(pool), size=val, replace=False).tolist())
+        val_entries = [entry for i, entry in enumerate(pool) if i in chosen]
+        held = {entry[0] for entry in val_entries}
+        splits["train"] = [entry for entry in splits["train"] if entry[0] not in held]
 
     out.mkdir(parents=True, exist_ok=True)
     links: Dict[Path, str] = {}
@@ -236,7 +251,7 @@ def prepare(dataset: str, root: str | os.PathLike, out: Optional[str | os.PathLi
     rel = _Paths(out, links)
 
     masks: Dict[Tuple[str, str], Path] = {}
-    for split, entries in splits.items():
+    for split, entries in (("train", splits["train"] + val_entries), ("test", splits["test"])):
         for stem, _, mask in entries:
             masks[split, stem] = mask
     if binarize:
@@ -255,8 +270,11 @@ def prepare(dataset: str, root: str | os.PathLike, out: Optional[str | os.PathLi
                "test": write_text_atomic(out / "test.txt", lines(splits["test"], "test")),
                "train_1shot": write_text_atomic(out / "train_1shot.txt", lines(shots[1], "train")),
                "train_16shot": write_text_atomic(out / "train_16shot.txt", lines(shots[16], "train"))}
+    if val_entries:
+        written["val"] = write_text_atomic(out / "val.txt", lines(val_entries, "train"))
+        log(f"{dataset} val: {len(val_entries)} images held out of train (seed 0, no fixed few-shot sample)")
     for split, entries in splits.items():
-        expected = EXPECTED_COUNTS[dataset][split]
+        expected = EXPECTED_COUNTS[dataset][split] - (len(val_entries) if split == "train" else 0)
         note = "" if len(entries) == expected else f" (the original's: {expected}; check the download)"
         log(f"{dataset} {split}: {len(entries)} images{note}")
     log(f"{dataset}: 1-shot {ONE_SHOT[dataset]}, 16-shot {len(shots[16])} fixed samples; lists in {out}")
@@ -267,11 +285,14 @@ def add_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
     parser.add_argument("--root", default=f"data/{dataset}",
                         help=f"the dataset root in the original layout (default data/{dataset})")
     parser.add_argument("--out", default=None, help="where the lists go (default: the root)")
-    parser.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--binarize", action="store_true",
                         help=f"write 0/255 masks with the original's threshold (> {MASK_THRESHOLD[dataset]}) into "
-                             "<out>/masks_binary and list those (default); --no-binarize lists the original masks")
+                             "<out>/masks_binary and list those (default: list the original mask files)")
+    parser.add_argument("--val", type=int, default=0, metavar="N",
+                        help="also write val.txt: N train images (seed 0, never a fixed few-shot sample), "
+                             "left out of train.txt (default 0: no val.txt, as the original)")
     parser.set_defaults(cat_sam_dataset=dataset)
 
 
 def run(args: argparse.Namespace) -> None:
-    prepare(args.cat_sam_dataset, args.root, args.out, binarize=args.binarize)
+    prepare(args.cat_sam_dataset, args.root, args.out, binarize=args.binarize, val=args.val)
