@@ -276,11 +276,17 @@ class WeakShotEvalSet(Dataset):
         entry = self.entries[index]
         image, label = self.source.read(entry)
         self.split.check_label_values(np.unique(label), str(self.source.root / entry.mask))
-        h, w = eval_size(image.shape[0], image.shape[1], self.short_side, self.max_side)
-        if (h, w) != image.shape[:2]:
-            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)),
+        return {"image": eval_image(image, self.short_side, self.max_side),
                 "label": torch.from_numpy(label.astype(np.int64)), "image_id": _image_id(entry)}
+
+
+def eval_image(image: np.ndarray, short_side: int, max_side: int) -> torch.Tensor:
+    """The evaluation input of an H x W x 3 RGB image (float 0..255): resized by :func:`eval_size`
+    (bilinear), as a 3 x h x w float tensor, not normalised (the model normalises and pads)."""
+    h, w = eval_size(image.shape[0], image.shape[1], short_side, max_side)
+    if (h, w) != image.shape[:2]:
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
 
 
 def collate_list(batch: Sequence[dict]) -> dict:
