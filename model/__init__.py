@@ -1,6 +1,6 @@
 """The models of every stage: the PSPNet base learner (``base``), BAM (``bam``), SAM-RSP
-(``sam_rsp``, over a BAM or an SCCAN prompt generator: ``model.rspg.type``), SCCAN (``sccan``) and
-SimFormer (``simformer``, weak-shot semantic segmentation).
+(``sam_rsp``, over a BAM or an SCCAN prompt generator: ``model.rspg.type``), SCCAN (``sccan``),
+SimFormer (``simformer``, weak-shot semantic segmentation) and CAT-SAM (``cat_sam``).
 
 ``build_model(cfg)`` builds the model of ``cfg.train.stage`` from the ``model`` and ``data``
 config sections; it reads no file. Weights are loaded afterwards with
@@ -24,6 +24,7 @@ __all__ = [
     "BAM", "BUILDERS", "PPM", "PSPNet", "ResNetBackbone", "SAMRSP", "SAMRSPDecoder", "SAM_CHECKPOINT_NAMES",
     "SAM_ENCODER_SPECS", "SDPAAttention", "VGGBackbone", "build_backbone", "build_bam", "build_model",
     "build_pspnet", "build_sam_rsp", "build_sam_encoder", "build_sccan", "build_simformer_from_config",
+    "build_cat_sam_from_config",
     "pixel_prototype", "set_attention",
 ]
 
@@ -133,12 +134,43 @@ def build_simformer_from_config(cfg: Mapping) -> nn.Module:
         residual_add=s["residual_add"], matcher_kwargs=matcher, criterion_kwargs=criterion)
 
 
+#: model.cat_sam.variant -> CATSAM's variant ("decoder" is the config's short name of "decoder_only")
+CAT_SAM_VARIANTS = {"a": "a", "t": "t", "decoder": "decoder_only", "decoder_only": "decoder_only",
+                    "zero_shot": "zero_shot"}
+
+
+def build_cat_sam_from_config(cfg: Mapping) -> nn.Module:
+    """Stage ``cat_sam``: CAT-SAM (model/cat_sam.py) of ``model.cat_sam.variant`` over the SAM of
+    ``model.sam`` (``type`` vit_b / vit_l / vit_h, or ``tiny``; ``embed_dim`` / ``depth`` /
+    ``num_heads`` / ``global_attn_indexes`` override the type's numbers when not null; ``img_size``,
+    ``patch_size``, ``window_size``, ``out_chans``, ``layer_norm_eps``, ``attention``). Reads no
+    file: the SAM file (``model.sam.checkpoint``) is loaded by util.checkpoint.load_pretrained_parts,
+    a trained checkpoint by util.checkpoint.load_weights. ``train.cat_sam.checkpoint_encoder`` sets
+    ``model.checkpoint_encoder``."""
+    from .cat_sam import CATSAM
+    sam, c = cfg["model"]["sam"], cfg["model"]["cat_sam"]
+    variant = c["variant"]
+    if variant not in CAT_SAM_VARIANTS:
+        raise ValueError(f"model.cat_sam.variant must be one of a, t, decoder, zero_shot; got {variant!r}")
+    indexes = sam["global_attn_indexes"]
+    return CATSAM(variant=CAT_SAM_VARIANTS[variant], sam_type=sam["type"], embed_dim=sam["embed_dim"],
+                  depth=sam["depth"], num_heads=sam["num_heads"],
+                  global_attn_indexes=None if indexes is None else tuple(indexes), img_size=int(sam["img_size"]),
+                  patch_size=int(sam["patch_size"]), out_chans=int(sam["out_chans"]),
+                  window_size=int(sam["window_size"]), pb_t_hidden_dim=int(c["pb_t_hidden_dim"]),
+                  evp_scale_factor=int(c["evp_scale_factor"]), pb_a_hidden_dim=int(c["pb_a_hidden_dim"]),
+                  freq_nums=float(c["freq_nums"]), layer_norm_eps=float(sam["layer_norm_eps"]), resize=c["resize"],
+                  checkpoint_encoder=bool(cfg["train"]["cat_sam"]["checkpoint_encoder"]),
+                  attention=sam["attention"])
+
+
 BUILDERS: Dict[str, Callable[[Mapping], nn.Module]] = {
     "base": build_pspnet,
     "bam": build_bam,
     "sam_rsp": build_sam_rsp,
     "sccan": build_sccan,
     "simformer": build_simformer_from_config,
+    "cat_sam": build_cat_sam_from_config,
 }
 
 

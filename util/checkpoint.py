@@ -21,6 +21,9 @@ format                 file                                                     
                                                                                    SCCAN: ``backbone.body``)
 ``imagenet_vgg``       torchvision ``vgg16_bn.pth`` (``features.N.*``)              the backbone (``layer0..4``)
 ``sam-rsp/1``          ours: ``{"format", "model", "frozen", ...}``                  the model it was saved from
+``cat_sam``            official CAT-SAM ``{'model': sd}`` or bare (``ori_sam.*``,     CATSAM (variant and SAM
+                       aliases checked equal); SAM ``sam_vit_*.pth`` -> its         size checked by name;
+                       frozen SAM: util/cat_sam_checkpoint.py                       util/cat_sam_checkpoint.py)
 =====================  ==========================================================  ==========================
 
 Every file may carry the ``module.`` prefix of a DistributedDataParallel model. Every rename lives
@@ -67,6 +70,7 @@ from segment_anything.modeling.image_encoder import ImageEncoderViT
 
 from model.backbone import LAYER_NAMES, VGG16_CUTS, ResNetBackbone, VGGBackbone
 from model.bam import BAM
+from model.cat_sam import CATSAM, VARIANT_NAMES as CAT_SAM_VARIANT_NAMES, sam_size_name
 from model.pspnet import PSPNet
 from model.sccan import SCCAN
 from model.sam_encoder import SAM_CHECKPOINT_NAMES
@@ -100,6 +104,8 @@ FORMATS: Dict[str, str] = {
                        "(keys conv1..3, bn1..3, layer1..4, fc)",
     "imagenet_vgg": "an ImageNet vgg16_bn.pth (keys features.N.*, classifier.*)",
     FORMAT_VERSION: "a checkpoint of this project {'format': 'sam-rsp/1', 'model', 'frozen', ...}",
+    "cat_sam": "an official CAT-SAM checkpoint {'model': state_dict} or its bare state dict (keys ori_sam.*, "
+               "image_encoder.*, prompt_encoder.*, mask_decoder.*; into a CATSAM only)",
 }
 
 _RESNET_STEM = (("conv1.", "layer0.0."), ("bn1.", "layer0.1."), ("conv2.", "layer0.3."),
@@ -464,7 +470,9 @@ def load_weights(model: nn.Module, path, require_complete: bool = False) -> Load
     path = Path(path)
     obj = _read(path)
     try:
-        if isinstance(obj, Mapping) and "format" in obj and obj.get("stage") == "base" \
+        if isinstance(model, CATSAM):
+            report = _load_cat_sam(model, obj, path)
+        elif isinstance(obj, Mapping) and "format" in obj and obj.get("stage") == "base" \
                 and not isinstance(model, PSPNet) and obj.get("format") == FORMAT_VERSION:
             # A stage-1 checkpoint holds a whole PSPNet: it goes wherever a PSPNet best.pth goes
             # (the backbone and learner_base of a BAM, or of SAMRSP.rspg).
@@ -497,6 +505,47 @@ def load_weights(model: nn.Module, path, require_complete: bool = False) -> Load
     return report
 
 
+def _with_aliases(model: CATSAM, report: LoadReport) -> LoadReport:
+    """A CATSAM holds each frozen SAM tensor (and the CAT token) under two names: the alias of
+    every loaded tensor counts as loaded (frozen-part references, require_complete)."""
+    loaded = set(report.loaded)
+    report.loaded = list(report.loaded) + [alias for alias, canonical in model.alias_pairs()
+                                           if canonical in loaded and alias not in loaded]
+    return report
+
+
+def _check_cat_sam_ours(model: CATSAM, ckpt: Mapping, path: Path) -> None:
+    """One of our stage-cat_sam checkpoints must be of the model's variant and SAM size (by name)."""
+    from util.cat_sam_checkpoint import checkpoint_variant
+    state = ckpt.get("model")
+    if ckpt.get("stage") != "cat_sam" or not isinstance(state, Mapping):
+        return
+    state, _ = _strip_module(dict(state))
+    variant = checkpoint_variant(state)
+    feat = state.get("mask_decoder.compress_vit_feat.0.weight")
+    width = int(feat.shape[0]) if feat is not None else model.embed_dim
+    blocks = {k.split(".")[2] for k in state if k.startswith("image_encoder.hq_token_proj.")} or \
+        {k.split(".")[2] for k in state if k.startswith("image_encoder.prompt_generator.lightweight_mlp_")}
+    depth = len(blocks) if blocks else model.depth
+    trained = f"{CAT_SAM_VARIANT_NAMES[variant]} (SAM {sam_size_name(width, depth)})"
+    if variant != model.variant:
+        raise CheckpointError(f"{path}: a {trained} checkpoint of stage cat_sam; the model is {model.name}: set "
+                              f"model.cat_sam.variant={'decoder' if variant == 'decoder_only' else variant}")
+    if (width, depth) != (model.embed_dim, model.depth):
+        raise CheckpointError(f"{path}: a {trained} checkpoint of stage cat_sam; the model is {model.name}: build "
+                              f"it with that SAM size (model.sam.type and the numbers of its saved config)")
+
+
+def _load_cat_sam(model: CATSAM, obj, path: Path) -> LoadReport:
+    """A CATSAM: ours (stage cat_sam, frozen SAM referenced by path), an official CAT-SAM checkpoint
+    or a SAM ``sam_vit_*.pth`` (util/cat_sam_checkpoint.py)."""
+    if isinstance(obj, Mapping) and "format" in obj:
+        _check_cat_sam_ours(model, obj, path)
+        return _load_ours_explained(model, obj, path)
+    from util.cat_sam_checkpoint import load_cat_sam_checkpoint
+    return _with_aliases(model, load_cat_sam_checkpoint(model, path))
+
+
 def _load_official(model: nn.Module, obj, path: Path) -> LoadReport:
     state, had_module = _strip_module(_state_dict_of(obj, path))
     fmt = detect_format(state, path)
@@ -518,7 +567,7 @@ def _load_official(model: nn.Module, obj, path: Path) -> LoadReport:
 
 
 #: the model class of each training stage; our checkpoints record their stage.
-STAGE_MODELS = {"base": PSPNet, "bam": BAM, "sam_rsp": SAMRSP, "sccan": SCCAN}
+STAGE_MODELS = {"base": PSPNet, "bam": BAM, "sam_rsp": SAMRSP, "sccan": SCCAN, "cat_sam": CATSAM}
 
 
 def _route_ours(model: nn.Module, stage, path: Path) -> Tuple[str, nn.Module]:
@@ -619,7 +668,13 @@ PRETRAINED_PARTS: Dict[str, Tuple[Tuple[str, str], ...]] = {
     "bam": (("model.base_learner.checkpoint", ""),),
     "sam_rsp": (("model.rspg.checkpoint", "rspg."), ("model.sam.checkpoint", "image_encoder.")),
     "sccan": (("model.backbone_checkpoint", ""),),   # the ImageNet init of SCCAN's frozen backbone
+    "cat_sam": (("model.sam.checkpoint", ""),),      # SAM sam_vit_*.pth -> CAT-SAM's frozen SAM (util/cat_sam_checkpoint)
 }
+
+#: the frozen SAM inside a CATSAM: its encoders (under both names) and SAM's part of the mask decoder
+_CAT_SAM_FROZEN = ("ori_sam.", "image_encoder.sam_img_encoder.", "prompt_encoder.sam_prompt_encoder.") + tuple(
+    "mask_decoder." + p for p in ("transformer.", "iou_token.", "mask_tokens.", "output_upscaling.",
+                                  "output_hypernetworks_mlps.", "iou_prediction_head."))
 
 #: (stage, config key) -> prefixes of the model keys the file of that key must fill, every one of
 #: them (``num_batches_tracked`` counters excepted): a file that loads but leaves one of them at
@@ -633,6 +688,7 @@ REQUIRED_KEYS: Dict[Tuple[str, str], Tuple[str, ...]] = {
     ("sam_rsp", "model.rspg.checkpoint"): ("rspg.",),                          # the whole prompt generator
     ("sam_rsp", "model.sam.checkpoint"): ("image_encoder.",),
     ("sccan", "model.backbone_checkpoint"): ("backbone.body.",),               # SCCAN's frozen backbone
+    ("cat_sam", "model.sam.checkpoint"): _CAT_SAM_FROZEN,                      # the whole frozen SAM
 }
 
 #: what a file of each format holds, in words (errors about a file given where another is expected)
@@ -644,9 +700,10 @@ _FORMAT_HOLDS: Dict[str, str] = {
     "imagenet_resnet": "only ImageNet weights of a ResNet backbone",
     "imagenet_vgg": "only ImageNet weights of a VGG16-bn backbone",
     "sccan_original": "an SCCAN prompt generator (stage sccan; an original SCCAN checkpoint)",
+    "cat_sam": "a whole CAT-SAM model (an official CAT-SAM checkpoint)",
 }
 _STAGE_HOLDS = {"base": "a PSPNet base learner", "bam": "a BAM prompt generator", "sam_rsp": "a whole SAM-RSP model",
-                "sccan": "an SCCAN prompt generator"}
+                "sccan": "an SCCAN prompt generator", "cat_sam": "a whole CAT-SAM model"}
 
 
 def _file_holds(report: LoadReport) -> str:
@@ -670,6 +727,11 @@ def _expected_model(model: nn.Module) -> str:
         return "a whole BAM (stage bam: the best.pth of a train.stage=bam run, or an original BAM checkpoint)"
     if isinstance(model, PSPNet):
         return "a whole PSPNet base learner (stage base: the best.pth of a train.stage=base run)"
+    if isinstance(model, CATSAM):
+        if model.variant == "zero_shot":
+            return f"{model.name}: a SAM sam_vit_*.pth file (nothing of zero-shot SAM is trained)"
+        return (f"a whole {model.name} (the best.pth / last.pth of a train.stage=cat_sam run, or an official "
+                f"CAT-SAM checkpoint)")
     stage = next((s for s, cls in STAGE_MODELS.items() if isinstance(model, cls)), None)
     return f"a whole {type(model).__name__}" + (f" (stage {stage})" if stage else "")
 

@@ -36,7 +36,9 @@ def make_loader(dataset, proc: ProcessInfo, batch_size: int, num_workers: int, *
     sampler = ShardSampler(len(dataset), proc.rank, proc.world_size, limit=limit, skip=skip)
     # A private generator: creating the loader must not consume the global RNG (dropout masks
     # of a resumed run would differ otherwise).
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+    # a dataset may bring its own collate (e.g. lists of differently sized samples: stage cat_sam)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=getattr(dataset, "collate_fn", None) or collate,
                       pin_memory=proc.device.type == "cuda", drop_last=False, generator=torch.Generator(),
                       persistent_workers=False)
 

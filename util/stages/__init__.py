@@ -11,6 +11,7 @@ stage          module                      what it trains
 ``sam_rsp``    util/stages/fewshot.py      SAM-RSP decoder over a frozen RSP generator + SAM
 ``sccan``      util/stages/sccan.py        SCCAN (one stage: frozen ImageNet backbone)
 ``simformer``  util/stages/simformer.py    SimFormer: weak-shot semantic segmentation (MaskFormer)
+``cat_sam``    util/stages/cat_sam.py      CAT-SAM: few-shot adaptation of a frozen SAM (T / A)
 =============  ==========================  =====================================================
 
 A stage declares:
@@ -158,7 +159,9 @@ def _table() -> Dict[str, Stage]:
     from util.stages.fewshot import BAM_STAGE, BASE_STAGE, SAM_RSP_STAGE
     from util.stages.sccan import SCCAN_STAGE
     from util.stages.simformer import SIMFORMER_STAGE
-    return {stage.name: stage for stage in (BASE_STAGE, BAM_STAGE, SAM_RSP_STAGE, SCCAN_STAGE, SIMFORMER_STAGE)}
+    from util.stages.cat_sam import CAT_SAM_STAGE
+    return {stage.name: stage for stage in (BASE_STAGE, BAM_STAGE, SAM_RSP_STAGE, SCCAN_STAGE, SIMFORMER_STAGE,
+                                            CAT_SAM_STAGE)}
 
 
 STAGES: Dict[str, Stage] = _table()
