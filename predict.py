@@ -32,6 +32,9 @@ without few-shot weights; CONFIG is optional, default config/base.yaml for model
   (boxes: the proposal of highest mask-box IoU each; points: proposals holding a --point and no
   --bg-point; both: the points filter the boxes' proposals). Coordinates are pixels of each
   query, x2 / y2 of a box exclusive.
+A SimFormer checkpoint (a config with train.stage=simformer, e.g. config/weakshot/*.yaml), no support:
+  <stem>_semantic.png          index PNG with a palette: the dataset's class ids at the query's size
+  <stem>_semantic_overlay.png  the query with every predicted class tinted, and a legend
 N-way (--support-class) instead:
   <stem>_nway.png          index PNG with a palette: 0 background, i = the i-th class given
   <stem>_nway_overlay.png  the query with every class tinted, and a legend
@@ -314,6 +317,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ConfigError("predict.py needs CONFIG (the weights' config file), unless it runs FastSAM alone "
                               "with --point / --bg-point / --box")
         cfg = load_config(args.config, args.overrides)
+        if cfg["train"]["stage"] == "simformer":      # weak-shot semantic segmentation: util/predict_semantic.py
+            from util.predict_semantic import run_semantic
+            return run_semantic(args, cfg)
         if not cfg["weights"]:
             raise ConfigError("predict.py needs weights=PATH: a checkpoint of this project (best.pth of a sam_rsp "
                               "run) or an original SAM-RSP checkpoint")

@@ -119,15 +119,11 @@ def test_benchmark_config_predicts_its_classes(tmp_path):
 
 def test_run_semantic_through_predict_parser(toy_weights, tmp_path, capsys):
     import predict
-    from util.predict_semantic import run_semantic
     query = _query(tmp_path / "q.jpg", 60, 80)
     config = str(ROOT / "config" / "toy" / "weakshot.yaml")
 
-    def run(*argv):
-        args = predict.parse_args([config, *argv])
-        cfg = load_config(args.config, args.overrides)
-        assert cfg["train"]["stage"] == "simformer"
-        return run_semantic(args, cfg)
+    def run(*argv):   # predict.py's own entry point: a simformer config dispatches to run_semantic
+        return predict.main([config, *argv])
 
     assert run(f"weights={toy_weights}", "device=cpu", "--query", str(query), "--out", str(tmp_path / "out")) == 0
     assert (tmp_path / "out" / "q_semantic.png").is_file() and (tmp_path / "out" / "q_semantic_overlay.png").is_file()
