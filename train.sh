@@ -7,6 +7,10 @@
 #   bash train.sh toy-weakshot                       weak-shot segmentation on the toy (fold 0 novel = image labels
 #                                                    only): base-only, SimFormer w/o SimNet, SimFormer, fully
 #                                                    supervised; one table of base / novel / all / harmonic mIoU
+#   bash train.sh toy-cat-sam                        CAT-SAM on a toy domain shift (util/cat_sam_toy.py): tiny SAM
+#                                                    pretrained on the source domain (cached), then zero-shot,
+#                                                    decoder-only, CAT-SAM-T, CAT-SAM-A from ONE target image for
+#                                                    each seed of eval.seeds; one table of foreground IoU
 #   bash train.sh CONFIG [key=value ...]             one stage (train.stage from the config or an override)
 #   bash train.sh DATASET SPLIT BACKBONE [SHOT] [key=value ...]
 #                                                    e.g. bash train.sh pascal 0 resnet50 5 train.stage=bam
@@ -55,6 +59,32 @@ if [ "$1" = "toy-weakshot" ]; then   # SimFormer and its three variants on the t
       run_python test.py "$config" weights="$WS/$variant/best.pth" output_dir="$WS/test_$variant" "$@"
   done
   "$PYTHON" -m util.weakshot_report "$WS"/test_{base_only,no_simnet,simformer,full}/results.json
+  exit 0
+fi
+if [ "$1" = "toy-cat-sam" ]; then   # CAT-SAM on the toy domain shift; one table (python -m util.cat_sam_toy report)
+  shift
+  # one thread per process: on 2 shared cores, 2 threads per process measured 5-10x slower per step
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  CS=${OUT_CAT_SAM:-exp/toy/cat_sam}
+  CSCFG=config/toy/cat_sam.yaml
+  "$PYTHON" -m util.cat_sam_toy prepare
+  "$PYTHON" -m util.cat_sam_toy pretrain --config "$CSCFG"      # kept when model.sam.checkpoint exists
+  read -r SAM SEEDS < <("$PYTHON" -c "from util.config import load_config as l; c = l('$CSCFG')
+print(c.model.sam.checkpoint, ' '.join(str(s) for s in c.eval.seeds))")
+  [ -f "$CS/test_zero_shot/results.json" ] || run_python test.py "$CSCFG" model.cat_sam.variant=zero_shot \
+      weights="$SAM" output_dir="$CS/test_zero_shot" "$@"
+  results=("$CS/test_zero_shot/results.json")
+  for seed in $SEEDS; do
+    for variant in decoder t a; do
+      run="$CS/${variant}_seed$seed"
+      [ -f "$run/results.json" ] || run_python train.py "$CSCFG" model.cat_sam.variant=$variant seed=$seed \
+          output_dir="$run" resume=auto "$@"
+      [ -f "$run/test/results.json" ] || run_python test.py "$CSCFG" model.cat_sam.variant=$variant seed=$seed \
+          weights="$run/best.pth" output_dir="$run/test" "$@"
+      results+=("$run/test/results.json")
+    done
+  done
+  "$PYTHON" -m util.cat_sam_toy report "${results[@]}"
   exit 0
 fi
 resolve_config "$@"

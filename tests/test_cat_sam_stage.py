@@ -169,11 +169,13 @@ def test_bad_inputs_are_refused_by_name(tmp_path):
     with pytest.raises(DataError, match=r"mask .*small\.png is 12x10 .* its image .*a\.png is 48x40"):
         build_eval_set(tiny_cfg(root), "test.txt")[0]
     # a box outside the image
-    with pytest.raises(DataError, match=r"box 1 \(10, 5, 48, 20\) is not an ordered box inside the 48x40 image"):
-        check_boxes([[0, 0, 5, 5], [10, 5, 48, 20]], 40, 48)
+    with pytest.raises(DataError, match=r"box 1 \(10, 5, 49, 20\) is not an ordered box inside the 48x40 image"):
+        check_boxes([[0, 0, 5, 5], [10, 5, 49, 20]], 40, 48)
+    with pytest.raises(DataError, match=r"box 0 \(-1, 5, 9, 20\)"):
+        check_boxes([[-1, 5, 9, 20]], 40, 48)
     with pytest.raises(DataError, match="box 0"):
         check_boxes([[10, 5, 4, 20]], 40, 48)
-    assert check_boxes([0, 0, 47, 39], 40, 48).shape == (1, 4)
+    assert check_boxes([0, 0, 48, 40], 40, 48).shape == (1, 4)
 
 
 def test_jpeg_masks_and_training_samples_are_a_pure_function_of_seed_epoch_index(tmp_path):
@@ -401,3 +403,24 @@ def test_frozen_tensors_are_bit_identical_after_training(folder, tmp_path):
     assert frozen and all(torch.equal(after[k].cpu(), before[k]) for k in frozen)
     # the trainable tensors other than frozen-SAM all moved (AdamW with weight decay)
     assert {k for k in trainable if k in after} <= set(changed)
+
+
+# -- the toy domain shift ---------------------------------------------------------------------------
+
+def test_toy_is_deterministic_in_the_folder_format_and_reported(tmp_path):
+    from util.cat_sam_data import build_eval_set, read_list
+    from util.cat_sam_toy import prepare, table
+    a = prepare(tmp_path / "a", seed=3, log=lambda *_: None)
+    b = prepare(tmp_path / "b", seed=3, log=lambda *_: None)
+    for name in ("train_1shot.txt", "val.txt", "test.txt"):
+        entries = read_list(a / "target", name)
+        assert [e.image.name for e in entries] == [e.image.name for e in read_list(b / "target", name)]
+        for e in entries[:3]:
+            assert e.image.read_bytes() == (b / "target" / e.image.relative_to(a / "target")).read_bytes()
+    assert len(read_list(a / "target", "train_1shot.txt")) == 1 and len(read_list(a / "target", "test.txt")) == 50
+    test = build_eval_set(tiny_cfg(a / "target"), "test.txt")
+    assert sum(len(test[i]["boxes"]) == 0 for i in range(len(test))) == 8
+    rows = [{"variant": v, "fg_iou": x, "image_iou": x, "point_fg_iou": x, "point_image_iou": x, "num_images": 50,
+             "num_empty": 8} for v, x in (("zero_shot", 0.1), ("a", 0.8), ("a", 0.9))]
+    text = table(rows)
+    assert "CAT-SAM-A" in text and " 85.0 +-  7.1" in text and " 10.0 +-  0.0" in text

@@ -36,6 +36,7 @@ worker with 3407 every epoch, so a 1-shot run trained 2000 times on one fixed vi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -171,13 +172,15 @@ def interior_point(mask: np.ndarray) -> np.ndarray:
 
 
 def check_boxes(boxes, height: int, width: int, what: str = "box") -> torch.Tensor:
-    """N x 4 (or 4) boxes (x_min, y_min, x_max, y_max) in pixels, inside the H x W image and
-    ordered (min <= max); anything else is a DataError naming the box."""
+    """N x 4 (or 4) boxes (x_min, y_min, x_max, y_max) in pixels with corners inside the H x W
+    image (0..W, 0..H, as util/predict_cat_sam.py) and ordered (min <= max); anything else is a
+    DataError naming the box."""
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
-        if not (0 <= x0 <= x1 <= width - 1 + 1e-6 and 0 <= y0 <= y1 <= height - 1 + 1e-6):
+        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or \
+                not (0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height):
             raise DataError(f"{what} {i} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is not an ordered box inside the "
-                            f"{width}x{height} image (x in 0..{width - 1}, y in 0..{height - 1}, min <= max)")
+                            f"{width}x{height} image (corners in 0..{width} x 0..{height}, min <= max)")
     return boxes
 
 
