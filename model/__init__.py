@@ -153,6 +153,15 @@ def build_cat_sam_from_config(cfg: Mapping) -> nn.Module:
     if variant not in CAT_SAM_VARIANTS:
         raise ValueError(f"model.cat_sam.variant must be one of a, t, decoder, zero_shot; got {variant!r}")
     indexes = sam["global_attn_indexes"]
+    from .cat_sam import SAM_PRESETS
+    if sam["type"] not in SAM_PRESETS:
+        raise ValueError(f"model.sam.type must be one of {', '.join(SAM_PRESETS)} for CAT-SAM, got {sam['type']!r}")
+    preset = SAM_PRESETS[sam["type"]]
+    depth = int(preset["depth"] if sam["depth"] is None else sam["depth"])
+    effective = tuple(preset["global_attn_indexes"] if indexes is None else indexes)
+    if any(not 0 <= int(i) < depth for i in effective):
+        raise ValueError(f"model.sam.global_attn_indexes {list(effective)} (null = those of model.sam.type="
+                         f"{sam['type']}) must be blocks of the ViT's depth {depth}: set model.sam.global_attn_indexes")
     return CATSAM(variant=CAT_SAM_VARIANTS[variant], sam_type=sam["type"], embed_dim=sam["embed_dim"],
                   depth=sam["depth"], num_heads=sam["num_heads"],
                   global_attn_indexes=None if indexes is None else tuple(indexes), img_size=int(sam["img_size"]),

@@ -424,3 +424,27 @@ def test_toy_is_deterministic_in_the_folder_format_and_reported(tmp_path):
              "num_empty": 8} for v, x in (("zero_shot", 0.1), ("a", 0.8), ("a", 0.9))]
     text = table(rows)
     assert "CAT-SAM-A" in text and " 85.0 +-  7.1" in text and " 10.0 +-  0.0" in text
+
+
+def test_public_api_from_the_kvasir_config(tmp_path):
+    """load_config(kvasir.yaml, tiny numbers) -> build_model -> load_weights(official file) -> forward."""
+    from model import build_model
+    from util.checkpoint import load_weights
+    tiny = ["model.cat_sam.variant=a", "model.sam.type=tiny", "model.sam.embed_dim=64", "model.sam.depth=2",
+            "model.sam.num_heads=4", "model.sam.global_attn_indexes=[1]", "model.sam.img_size=64",
+            "model.sam.window_size=2", "model.sam.out_chans=32"]
+    cfg = load_config(ROOT / "config" / "cat_sam" / "kvasir.yaml", tiny)
+    torch.manual_seed(0)
+    source = build_model(cfg)
+    file = _official(source, tmp_path / "kvasir_cat-a_vit-l_1shot.pth")
+    model = build_model(cfg)
+    load_weights(model, file)
+    image = torch.rand(3, 50, 70) * 255
+    boxes = torch.tensor([[5., 6., 30., 40.], [20., 10., 60., 45.]])
+    kwargs = dict(images=[image], boxes=[boxes], points=[torch.tensor([[[10., 20.]], [[40., 30.]]])],
+                  point_labels=[torch.ones(2, 1)], noisy_masks=[torch.zeros(2, 1, 16, 16)])
+    with torch.no_grad():
+        out, ref = model(**kwargs), source(**kwargs)
+    assert out[0].shape == (2, 1, 50, 70) and torch.equal(out[0], ref[0])
+    with pytest.raises(ValueError, match="global_attn_indexes .* depth 2"):
+        build_model(load_config(ROOT / "config" / "cat_sam" / "kvasir.yaml", ["model.sam.depth=2"]))
