@@ -448,3 +448,22 @@ def test_public_api_from_the_kvasir_config(tmp_path):
     assert out[0].shape == (2, 1, 50, 70) and torch.equal(out[0], ref[0])
     with pytest.raises(ValueError, match="global_attn_indexes .* depth 2"):
         build_model(load_config(ROOT / "config" / "cat_sam" / "kvasir.yaml", ["model.sam.depth=2"]))
+
+
+def test_two_processes_keep_identical_weights(folder, tmp_path):
+    """DDP (the engine's): each rank trains on its own samples, gradients are all-reduced (the
+    original trained every rank under no_sync: its replicas diverged, SPEC_CAT_SAM 13)."""
+    import os
+    import subprocess
+    import sys
+    overrides = TINY + [f"data.root={folder}", "data.dataset=custom", "data.shot=0", "model.cat_sam.variant=a",
+                        "train.cat_sam.epochs=2", "train.cat_sam.val_every=1", "train.cat_sam.batch_size=2",
+                        "train.select=last", f"output_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(ROOT / "tests" / "cat_sam_ddp_worker.py"), str(tmp_path / "ranks"), *overrides],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    digests = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert digests[0]["step"] == digests[1]["step"] == 4           # 4 samples / 2 ranks / 1 per rank, 2 epochs
+    assert digests[0]["initial"] == digests[1]["initial"]
+    assert digests[0]["weights"] == digests[1]["weights"] != digests[0]["initial"]
