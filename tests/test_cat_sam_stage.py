@@ -467,3 +467,19 @@ def test_two_processes_keep_identical_weights(folder, tmp_path):
     assert digests[0]["step"] == digests[1]["step"] == 4           # 4 samples / 2 ranks / 1 per rank, 2 epochs
     assert digests[0]["initial"] == digests[1]["initial"]
     assert digests[0]["weights"] == digests[1]["weights"] != digests[0]["initial"]
+
+
+def test_config_mistakes_are_config_errors(folder):
+    from util.cat_sam_data import Augment, ObjectRules
+    with pytest.raises(ConfigError, match="prompt_types"):
+        Augment.from_config(tiny_cfg(folder, "train.cat_sam.prompt_types=[box, scribble]"))
+    with pytest.raises(ConfigError, match="crop_area"):
+        Augment.from_config(tiny_cfg(folder, "train.cat_sam.crop_area=[0.0, 1.0]"))
+    with pytest.raises(ConfigError, match="connectivity"):
+        ObjectRules.from_config(tiny_cfg(folder, "data.cat_sam.connectivity=6"))
+    with pytest.raises(ConfigError, match="val or test"):
+        get_stage("cat_sam").configure(tiny_cfg(folder, "train.cat_sam.select=train"))
+    # train.select=last without val.txt: no validation set, no error
+    (folder / "val.txt").unlink()
+    data = get_stage("cat_sam").build_data(tiny_cfg(folder, "train.select=last"), lambda *_: None)
+    assert len(data.val_set) == 0 and len(data.train_set) == 20      # 1 sample x val_every 20

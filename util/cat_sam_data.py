@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from util.config import ConfigError
 from util.io import DataError
 
 PROMPT_TYPES = ("point", "box", "mask")
@@ -140,7 +141,7 @@ class ObjectRules:
     def from_config(cls, cfg: Mapping) -> "ObjectRules":
         d = cfg["data"]["cat_sam"]
         if int(d["connectivity"]) not in (4, 8):
-            raise DataError(f"data.cat_sam.connectivity must be 4 or 8, got {d['connectivity']}")
+            raise ConfigError(f"data.cat_sam.connectivity must be 4 or 8, got {d['connectivity']}")
         return cls(int(d["connectivity"]), int(d["min_area"]), float(d["min_area_frac"]))
 
 
@@ -236,11 +237,11 @@ class Augment:
         types = tuple(t["prompt_types"])
         bad = [p for p in types if p not in PROMPT_TYPES]
         if not types or bad:
-            raise DataError(f"train.cat_sam.prompt_types must be a non-empty list of {', '.join(PROMPT_TYPES)}; "
+            raise ConfigError(f"train.cat_sam.prompt_types must be a non-empty list of {', '.join(PROMPT_TYPES)}; "
                             f"got {list(types)}")
         low, high = (float(v) for v in t["crop_area"])
         if not 0 < low <= high <= 1:
-            raise DataError(f"train.cat_sam.crop_area must be [low, high] with 0 < low <= high <= 1, got {t['crop_area']}")
+            raise ConfigError(f"train.cat_sam.crop_area must be [low, high] with 0 < low <= high <= 1, got {t['crop_area']}")
         return cls(float(t["flip_prob"]), bool(t["crop"]), (low, high), types, int(t["noise_scale"]),
                    float(t["noise_threshold"]), int(cfg["data"]["cat_sam"]["max_objects"]))
 

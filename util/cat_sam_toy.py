@@ -95,6 +95,10 @@ def source_image(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
     return np.clip(image, 0, 255).astype(np.uint8), fg
 
 
+#: the target domain's knobs: how much a shadow darkens, how strong the background texture is
+DARKEN, TEXTURE = 0.5, 22.0
+
+
 def target_image(rng: np.random.Generator, shadows: int) -> Tuple[np.ndarray, np.ndarray]:
     """(image, foreground): ``shadows`` soft dark regions over coloured clutter and texture."""
     h, w = _size(rng)
@@ -103,7 +107,7 @@ def target_image(rng: np.random.Generator, shadows: int) -> Tuple[np.ndarray, np
         m = _shape_mask(rng, h, w, ["disc", "rect", "triangle", "ellipse"][int(rng.integers(4))], (5, 18)) > 0
         image[m] = _saturated(rng) * 0.6 + 90
     texture = cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), 1.2)
-    image += 22 * texture[..., None] + rng.normal(0, 5, (h, w, 3))
+    image += TEXTURE * texture[..., None] + rng.normal(0, 5, (h, w, 3))
     fg = np.zeros((h, w), bool)
     alpha = np.zeros((h, w), np.float32)
     for _ in range(shadows):
@@ -111,7 +115,7 @@ def target_image(rng: np.random.Generator, shadows: int) -> Tuple[np.ndarray, np
         a = cv2.GaussianBlur(m, (0, 0), rng.uniform(1.5, 3.0))
         alpha = np.maximum(alpha, a)
     fg = alpha > 0.5
-    image = image * (1 - 0.5 * alpha[..., None]) + alpha[..., None] * np.array([0, 0, 12])
+    image = image * (1 - DARKEN * alpha[..., None]) + alpha[..., None] * np.array([0, 0, 12])
     return np.clip(image, 0, 255).astype(np.uint8), fg
 
 

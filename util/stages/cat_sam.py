@@ -97,8 +97,9 @@ def cat_sam_data(cfg: Mapping, log: Callable[[str], None]) -> StageData:
                 raise ConfigError(f"train.cat_sam.select=val but {cfg['data']['root']}/val.txt does not exist: give a "
                                   f"validation list, or train.select=last (no selection: the last weights), or "
                                   f"train.cat_sam.select=test (the original's selection on the test set)")
-            val_set, what = build_eval_set(cfg, "test.txt"), "nothing (train.select=last)"
-            val_set.entries = []
+            from util.cat_sam_data import CATSAMEvalSet, ObjectRules
+            val_set = CATSAMEvalSet([], threshold=0.0, rules=ObjectRules.from_config(cfg))
+            what = "nothing (train.select=last)"
     log(f"CAT-SAM data {cfg['data']['root']}: {len(train_set.entries)} training samples "
         f"({train_list_name(int(cfg['data']['shot']))}) x {train_set.repeats} passes per engine epoch; validation on "
         f"{what} ({len(val_set)} images); prompts {list(t['prompt_types'])}, crop {bool(t['crop'])}")
