@@ -98,8 +98,13 @@ def test_effective_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(PROJECT_ROOT)) for p in (PROJECT_ROOT / "config").rglob("*.yaml")))
 def test_every_shipped_config_loads(path):
+    from util.folds import make_fold
+    from util.stages import STAGES
     cfg = load_config(PROJECT_ROOT / path)
-    assert cfg.data.dataset in ("pascal", "coco", "toy", "custom")
+    assert cfg.train.stage in STAGES
+    assert cfg.data.dataset in ("pascal", "coco", "toy", "custom", "cocostuff10k", "ade20k")
+    if cfg.data.dataset != "custom":      # the class split of the config's fold is defined (custom: from the folders)
+        assert make_fold(cfg.data).num_classes > 0
 
 
 def test_user_facing_configs_have_original_values():
