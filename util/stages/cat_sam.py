@@ -95,7 +95,8 @@ def cat_sam_data(cfg: Mapping, log: Callable[[str], None]) -> StageData:
         if val_set is None:
             if cfg["train"]["select"] == "best":
                 raise ConfigError(f"train.cat_sam.select=val but {cfg['data']['root']}/val.txt does not exist: give a "
-                                  f"validation list, or train.select=last (no selection: the last weights), or "
+                                  f"validation list (python -m util.prepare kvasir|whu|sbu --root ROOT --val N writes one), "
+                                  f"or train.select=last (no selection: the last weights), or "
                                   f"train.cat_sam.select=test (the original's selection on the test set)")
             from util.cat_sam_data import CATSAMEvalSet, ObjectRules
             val_set = CATSAMEvalSet([], threshold=0.0, rules=ObjectRules.from_config(cfg))
