@@ -170,7 +170,8 @@ def test_arguments_fit_predict_py_parser():
     parser = predict.build_parser()
     pcs.add_cat_sam_arguments(parser)                 # --box / --point / --bg-point already there: no conflict
     args = parser.parse_intermixed_args(["CFG", "weights=x", "--query", "a.png", "b.png", "--out", "o",
-                                         "--boxes-from-mask", "ma.png", "mb.png", "--box", "1", "2", "3", "4"])
+                                         "--boxes-from-mask", "ma.png", "--box", "1", "2", "3", "4",
+                                         "--boxes-from-mask", "mb.png"])
     assert args.boxes_from_mask == ["ma.png", "mb.png"] and args.box == [[1, 2, 3, 4]] and args.boxes_min_area == 0
     assert pcs.cat_sam_config(argparse.Namespace(config=None, overrides=[])) is None
     assert pcs.cat_sam_config(argparse.Namespace(config="config/toy/toy.yaml", overrides=[])) is None   # sam_rsp

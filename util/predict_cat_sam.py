@@ -1,9 +1,10 @@
 """CAT-SAM on your own images: prompts in, masks out (predict.py with a CAT-SAM config).
 
-    python predict.py config/cat_sam/kvasir_a_vit_l_1shot.yaml weights=exp/.../best.pth \\
+    python predict.py config/cat_sam/kvasir.yaml weights=exp/.../best.pth \\
         --query a.jpg --box 40 30 200 180 --box 220 40 300 120 --out out/
     python predict.py CONFIG weights=... --query a.jpg --point 120 80 --bg-point 20 20 --out out/
-    python predict.py CONFIG weights=... --query a.jpg b.jpg --boxes-from-mask a_gt.png b_gt.png --out out/
+    python predict.py CONFIG weights=... --query a.jpg b.jpg --boxes-from-mask a_gt.png \\
+        --boxes-from-mask b_gt.png --out out/
 
 A CAT-SAM config (``train.stage=cat_sam``) and ``weights=``: one of our stage-cat_sam checkpoints,
 an official CAT-SAM checkpoint (``{dataset}_cat-{a|t}_vit-l_1shot.pth``), or for
@@ -14,7 +15,7 @@ training time and segments what the prompts point at. Prompts, in pixels of each
   (0 <= X0 <= X1 <= width, 0 <= Y0 <= Y1 <= height); every query gets the same boxes;
 * ``--point X Y`` / ``--bg-point X Y`` (repeatable): ONE object described by all the points
   (foreground label 1, background label 0); with a single ``--box`` the points refine that box;
-* ``--boxes-from-mask MASK`` (one per query, in order; not with the above): one tight box
+* ``--boxes-from-mask MASK`` (repeated once per query, in order; not with the above): one tight box
   (x_min, y_min, x_max, y_max, max inclusive, as the original's test protocol) per connected
   component (8-connectivity) of the mask's foreground (value > 127, or == ``--class-value``),
   components smaller than ``--boxes-min-area`` pixels skipped; a mask without foreground gives the
@@ -64,7 +65,8 @@ def _fmt(values) -> str:
     return " ".join(f"{float(v):g}" for v in values)
 
 
-def check_box(box: Sequence[float], height: int, width: int, *, argument: str = "--box", what: str = "the image") -> None:
+def check_box(box: Sequence[float], height: int, width: int, *, argument: str = "--box",
+              what: str = "the image") -> None:
     """A box (x0, y0, x1, y1) with corners inside ``what`` (0..width, 0..height) and x0 <= x1,
     y0 <= y1; otherwise a DataError naming ``argument`` and the box."""
     if len(box) != 4 or not all(math.isfinite(float(v)) for v in box):
@@ -281,9 +283,9 @@ def add_cat_sam_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     if "--class-value" not in have:
         group.add_argument("--class-value", type=int, default=None, metavar="V",
                            help="--boxes-from-mask: foreground = mask value V only (default: value > 127)")
-    group.add_argument("--boxes-from-mask", nargs="+", action="extend", default=[], metavar="MASK",
+    group.add_argument("--boxes-from-mask", action="append", default=[], metavar="MASK",
                        help="CAT-SAM: one box per connected component of MASK's foreground (value > 127, or "
-                            "--class-value); one mask per --query, in order; replaces --box / --point")
+                            "--class-value); repeat once per --query, in the same order; replaces --box / --point")
     group.add_argument("--boxes-min-area", type=int, default=0, metavar="PIXELS",
                        help="CAT-SAM --boxes-from-mask: skip components smaller than this (default 0: none)")
     return parser
