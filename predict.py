@@ -32,6 +32,9 @@ without few-shot weights; CONFIG is optional, default config/base.yaml for model
   (boxes: the proposal of highest mask-box IoU each; points: proposals holding a --point and no
   --bg-point; both: the points filter the boxes' proposals). Coordinates are pixels of each
   query, x2 / y2 of a box exclusive.
+A CAT-SAM config (train.stage=cat_sam, e.g. config/cat_sam/kvasir.yaml) with --box / --point /
+--bg-point / --boxes-from-mask per query (util/predict_cat_sam.py), no support:
+  <stem>_mask.png, <stem>_overlay.png   the union of the prompted objects' masks; boxes and points drawn
 A SimFormer checkpoint (a config with train.stage=simformer, e.g. config/weakshot/*.yaml), no support:
   <stem>_semantic.png          index PNG with a palette: the dataset's class ids at the query's size
   <stem>_semantic_overlay.png  the query with every predicted class tinted, and a legend
@@ -84,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="FastSAM without a support set: a box (pixels, X1 / Y1 exclusive; repeatable)")
     parser.add_argument("--fastsam-weights", default="", metavar="PATH",
                         help="the FastSAM .pt file (default: the config's model.fastsam.weights)")
+    from util.predict_cat_sam import add_cat_sam_arguments
+    add_cat_sam_arguments(parser)           # --boxes-from-mask, --boxes-min-area (CAT-SAM configs)
     return parser
 
 
@@ -303,6 +308,10 @@ def main_interactive(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    from util.predict_cat_sam import cat_sam_config, run_cat_sam
+    cat_sam_cfg = cat_sam_config(args)          # the config when it is a CAT-SAM one (train.stage=cat_sam)
+    if cat_sam_cfg is not None or args.boxes_from_mask:
+        return run_cat_sam(args, cat_sam_cfg)  # prompts (--box / --point / --boxes-from-mask), no support set
     if args.point or args.bg_point or args.box:
         return main_interactive(args)
     try:
