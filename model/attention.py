@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint as activation_checkpoint
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
 MAX_BIAS_ELEMENTS = 1 << 22  # 4M elements = 16 MB in float32 per chunk: one token row of ViT-L/H global attention
@@ -29,7 +30,16 @@ class SDPAAttention(Attention):
     """Multi-head attention with decomposed relative-position bias, via SDPA.
 
     x: B x H x W x C -> B x H x W x C (tokens on an HxW grid, as segment-anything's ``Attention``).
+
+    ``checkpoint_chunks`` (an instance attribute, default False): when gradients are enabled,
+    recompute each query chunk's bias and attention in the backward pass instead of keeping them
+    (``torch.utils.checkpoint``, non-reentrant). SDPA's math kernel with a float mask saves the
+    chunk's bias and attention probabilities for backward: for a frozen ViT that gradients flow
+    through (CAT-SAM), that is (B*heads) x N x N per global block, several times the rest of
+    the block's activations. CAT-SAM switches it on with ``checkpoint_encoder``.
     """
+
+    checkpoint_chunks: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, _ = x.shape
@@ -44,20 +54,28 @@ class SDPAAttention(Attention):
             rel_w_table = get_rel_pos(width, width, self.rel_pos_w)     # W x W x head_dim
             per_row = batch * self.num_heads * width * tokens
             rows = max(1, min(height, MAX_BIAS_ELEMENTS // max(per_row, 1)))
+            recompute = self.checkpoint_chunks and torch.is_grad_enabled()
             chunks = []
             for r0 in range(0, height, rows):
                 r1 = min(height, r0 + rows)
-                q_chunk = q[:, :, r0 * width:r1 * width]
-                grid_q = q_chunk.reshape(batch, self.num_heads, r1 - r0, width, -1)
-                rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, rel_h_table[r0:r1])
-                rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, rel_w_table)
-                bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(
-                    batch, self.num_heads, (r1 - r0) * width, tokens)
-                chunks.append(F.scaled_dot_product_attention(
-                    q_chunk, k, v, attn_mask=bias.to(q_chunk.dtype), scale=self.scale))
+                args = (q[:, :, r0 * width:r1 * width], k, v, rel_h_table[r0:r1], rel_w_table)
+                chunks.append(activation_checkpoint.checkpoint(self._chunk, *args, use_reentrant=False)
+                              if recompute else self._chunk(*args))
             out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2)
         out = out.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
         return self.proj(out.reshape(batch, height, width, -1))
+
+    def _chunk(self, q_chunk: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h_rows: torch.Tensor,
+               rel_w_table: torch.Tensor) -> torch.Tensor:
+        """Attention of the query rows ``q_chunk`` (B x heads x rows*W x head_dim) over all tokens,
+        with their decomposed relative-position bias (rows x H x head_dim, W x W x head_dim)."""
+        batch, heads, _, _ = q_chunk.shape
+        rows, width = rel_h_rows.shape[0], rel_w_table.shape[0]
+        grid_q = q_chunk.reshape(batch, heads, rows, width, -1)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, rel_h_rows)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, rel_w_table)
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, rows * width, k.shape[2])
+        return F.scaled_dot_product_attention(q_chunk, k, v, attn_mask=bias.to(q_chunk.dtype), scale=self.scale)
 
 
 def set_attention(module: nn.Module, impl: str) -> nn.Module:

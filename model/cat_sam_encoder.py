@@ -211,10 +211,10 @@ class CATImageEncoder(nn.Module):
         if tuning is not None and cat_token is None:
             raise ValueError("the encoder tuning of CAT-SAM-T/A needs the decoder's CAT token (cat_token)")
         self.tuning = tuning
-        self.checkpoint_blocks = bool(checkpoint_blocks)
         if tuning is not None:
             self.hq_token = cat_token          # the same Parameter as mask_decoder.hf_token.weight
         self.sam_img_encoder = sam_img_encoder
+        self.checkpoint_blocks = bool(checkpoint_blocks)
         embed_dim = sam_img_encoder.patch_embed.proj.out_channels
         depth = len(sam_img_encoder.blocks)
         patch_size = sam_img_encoder.patch_embed.proj.kernel_size[0]
@@ -245,6 +245,19 @@ class CATImageEncoder(nn.Module):
                            dim=-1).reshape(1, self.grid_size * self.grid_size, -1)
 
     # -- forward ----------------------------------------------------------------------------
+
+    @property
+    def checkpoint_blocks(self) -> bool:
+        return self._checkpoint_blocks
+
+    @checkpoint_blocks.setter
+    def checkpoint_blocks(self, value: bool) -> None:
+        """Also recompute each attention chunk in backward (model.attention.SDPAAttention): inside a
+        recomputed block the global attention's bias and probabilities are still the peak."""
+        self._checkpoint_blocks = bool(value)
+        for module in self.sam_img_encoder.modules():
+            if isinstance(module, Attention):
+                module.checkpoint_chunks = bool(value)
 
     def _run(self, fn, *args: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_blocks and torch.is_grad_enabled():

@@ -166,11 +166,16 @@ def test_token_attention_matches_the_literal_recipe():
     assert torch.allclose(attention_with_token(attn, x, token), _naive_token_attention(attn, x, token), atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["t", "a"])
-def test_checkpointed_encoder_gives_the_same_gradients(variant):
+@pytest.mark.parametrize("variant,attention", [("t", "reference"), ("a", "reference"), ("t", "sdpa"), ("a", "sdpa")])
+def test_checkpointed_encoder_gives_the_same_gradients(variant, attention, monkeypatch):
+    import model.attention as attention_module
+    # several query chunks per attention call, so that each chunk's recomputation is exercised
+    monkeypatch.setattr(attention_module, "MAX_BIAS_ELEMENTS", 1024)
     grads = []
     for flag in (False, True):
-        model = small(variant, checkpoint_encoder=flag).train()
+        model = small(variant, checkpoint_encoder=flag, attention=attention).train()
+        chunked = [m.checkpoint_chunks for m in model.modules() if isinstance(m, attention_module.SDPAAttention)]
+        assert chunked == ([flag] * len(chunked)) and (attention == "reference") == (not chunked)
         loss, _ = cat_sam_loss(model(images=[image()], boxes=[BOXES]), [TARGETS])
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_trainable_parameters()})
