@@ -29,6 +29,8 @@ import torch.utils.checkpoint as activation_checkpoint
 from segment_anything.modeling.image_encoder import (Attention, Block, ImageEncoderViT, get_rel_pos,
                                                      window_partition, window_unpartition)
 
+from .attention import SDPAAttention
+
 ENCODER_TUNINGS = (None, "t", "a")
 
 
@@ -252,15 +254,23 @@ class CATImageEncoder(nn.Module):
 
     @checkpoint_blocks.setter
     def checkpoint_blocks(self, value: bool) -> None:
-        """Also recompute each attention chunk in backward (model.attention.SDPAAttention): inside a
-        recomputed block the global attention's bias and probabilities are still the peak."""
+        """Global-attention blocks recompute their attention per query chunk instead
+        (``SDPAAttention.checkpoint_chunks``): there the bias and probabilities of the
+        (B*heads) x N x N attention are the peak, and the rest of the block is small."""
         self._checkpoint_blocks = bool(value)
-        for module in self.sam_img_encoder.modules():
-            if isinstance(module, Attention):
-                module.checkpoint_chunks = bool(value)
+        for block in self.sam_img_encoder.blocks:
+            block.attn.checkpoint_chunks = bool(value) and block.window_size == 0
 
-    def _run(self, fn, *args: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint_blocks and torch.is_grad_enabled():
+    def _chunk_checkpointed(self, block: Block, token: Optional[torch.Tensor]) -> bool:
+        """The block's memory is bounded by its attention's per-chunk recomputation (an SDPA global
+        block without a prompt token), so the whole block need not be recomputed."""
+        return token is None and bool(getattr(block.attn, "checkpoint_chunks", False)) \
+            and isinstance(block.attn, SDPAAttention)
+
+    def _run(self, fn, *args: torch.Tensor, whole_block: bool = True) -> torch.Tensor:
+        """``fn(*args)``; with ``checkpoint_blocks`` and gradients, recomputed in backward
+        (non-reentrant) unless ``whole_block`` is False (the block checkpoints its attention chunks)."""
+        if self.checkpoint_blocks and whole_block and torch.is_grad_enabled():
             return activation_checkpoint.checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
@@ -297,11 +307,12 @@ class CATImageEncoder(nn.Module):
                 trace["block_inputs"].append(x)
                 x = block_forward(block, x, tokens[i])
             elif joint is not None:
-                x = self._run(partial(self._adapted_block, i), x, joint)
+                x = self._run(partial(self._adapted_block, i), x, joint,
+                              whole_block=not self._chunk_checkpointed(block, None))
             elif tokens[i] is not None:
                 x = self._run(partial(block_forward, block), x, tokens[i])
             else:
-                x = self._run(block, x)
+                x = self._run(block, x, whole_block=not self._chunk_checkpointed(block, None))
             if block.window_size == 0:
                 interm.append(x)
         return enc.neck(x.permute(0, 3, 1, 2)), interm

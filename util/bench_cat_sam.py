@@ -28,26 +28,26 @@ Ratios are against ``original``. The issue's targets: ``on`` peak memory <= 0.5x
 the time; ``off`` time <= 1.0x. Figures depend on the machine's load: the report prints the
 load average before and after (on a shared machine, compare rows of the same quiet run).
 
-Measured (2-core development machine shared with other jobs; CAT-SAM-A vit_b, one 1024 image,
-2 boxes, median of 3 steps after 1 warm-up; two runs, load 0.9-1.9):
+Measured (2-core development machine, nothing else running; CAT-SAM-A vit_b, one 1024 image,
+2 boxes, median of 3 steps after 1 warm-up, load 0.90 -> 2.02 = this benchmark's own 2 threads):
 
 ==================================================  ======  ========  ======  ======
 row                                                 step s  peak MB   time x  mem x
 ==================================================  ======  ========  ======  ======
-original-style (no checkpointing, SAM attention)    27.8    9,086     1.00    1.00
-ours off, sdpa attention (the configs' default)     24.1    16,673    0.86    1.83
-ours on, sdpa attention                             32.7    5,423     1.17    0.60
-original-style (second run)                         25.9    9,026     1.00    1.00
-ours off, reference attention (= original-style)    27.1    9,014     1.05    1.00
-ours on, reference attention                        38.1    4,440     1.47    0.49
+original-style (no checkpointing, SAM attention)    33.71   9,003     1.00    1.00
+ours, checkpoint_encoder off (sdpa attention)       29.87   16,735    0.89    1.86
+ours, checkpoint_encoder on (sdpa attention)        34.85   3,548     1.03    0.39
 ==================================================  ======  ========  ======  ======
 
-The off/reference row has the original-style settings: its 5% is run-to-run noise. With
-gradients, the chunked SDPA keeps every chunk's bias and attention for the backward, so
-without checkpointing it needs 1.8x the memory of segment-anything's attention; with
-checkpointing one global block's recompute sets the peak (about 1.8-3.3 GB of a ViT-B global
-block at 64x64 tokens, measured alone). Neither attention meets both targets: sdpa meets the
-time (1.17x) but not the memory (0.60x), reference the memory (0.49x) but not the time (1.47x).
+With ``checkpoint_encoder`` the windowed blocks are recomputed whole in the backward and the
+global-attention blocks recompute only their attention, chunk by chunk
+(``SDPAAttention.checkpoint_chunks``): an earlier version that recomputed every block whole
+and the global blocks' chunks inside that recomputation measured 44.39 s / 2,968 MB (1.36x /
+0.33x) against 32.54 s / 8,932 MB, and one without chunk recomputation 32.7 s / 5,423 MB
+(1.17x / 0.60x). Without checkpointing the chunked SDPA keeps every chunk's bias and attention
+probabilities for the backward, so training needs 1.86x the memory of segment-anything's
+attention (which is 1.05x the time, the same settings as the original-style row): use
+``checkpoint_encoder`` when memory matters.
 """
 from __future__ import annotations
 
