@@ -145,7 +145,7 @@ def build_cat_sam_from_config(cfg: Mapping) -> nn.Module:
     ``num_heads`` / ``global_attn_indexes`` override the type's numbers when not null; ``img_size``,
     ``patch_size``, ``window_size``, ``out_chans``, ``layer_norm_eps``, ``attention``). Reads no
     file: the SAM file (``model.sam.checkpoint``) is loaded by util.checkpoint.load_pretrained_parts,
-    a trained checkpoint by util.checkpoint.load_weights. ``train.cat_sam.checkpoint_encoder`` sets
+    a trained checkpoint by util.checkpoint.load_weights. ``train.checkpoint_encoder`` sets
     ``model.checkpoint_encoder``."""
     from .cat_sam import CATSAM
     sam, c = cfg["model"]["sam"], cfg["model"]["cat_sam"]
@@ -169,7 +169,7 @@ def build_cat_sam_from_config(cfg: Mapping) -> nn.Module:
                   window_size=int(sam["window_size"]), pb_t_hidden_dim=int(c["pb_t_hidden_dim"]),
                   evp_scale_factor=int(c["evp_scale_factor"]), pb_a_hidden_dim=int(c["pb_a_hidden_dim"]),
                   freq_nums=float(c["freq_nums"]), layer_norm_eps=float(sam["layer_norm_eps"]), resize=c["resize"],
-                  checkpoint_encoder=bool(cfg["train"]["cat_sam"]["checkpoint_encoder"]),
+                  checkpoint_encoder=bool(cfg["train"]["checkpoint_encoder"]),
                   attention=sam["attention"])
 
 

@@ -483,3 +483,16 @@ def test_config_mistakes_are_config_errors(folder):
     (folder / "val.txt").unlink()
     data = get_stage("cat_sam").build_data(tiny_cfg(folder, "train.select=last"), lambda *_: None)
     assert len(data.val_set) == 0 and len(data.train_set) == 20      # 1 sample x val_every 20
+
+
+def test_train_checkpoint_encoder_reaches_the_model(folder):
+    from model import build_model
+    from model.attention import SDPAAttention
+    for flag in (False, True):
+        model = build_model(tiny_cfg(folder, f"train.checkpoint_encoder={str(flag).lower()}",
+                                     "model.sam.attention=sdpa"), "cat_sam")
+        assert model.checkpoint_encoder is flag
+        blocks = model.image_encoder.sam_img_encoder.blocks
+        assert any(isinstance(b.attn, SDPAAttention) and b.window_size == 0 for b in blocks)
+        assert [bool(getattr(b.attn, "checkpoint_chunks", False)) for b in blocks] == \
+            [flag and b.window_size == 0 for b in blocks]
