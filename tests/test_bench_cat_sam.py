@@ -33,3 +33,14 @@ def test_report_ratios_against_the_original_style_row():
     assert "emulated" in lines[2] and "1.00" in lines[2]
     assert "0.90" in lines[3] and "time <= 1.0x: met" in lines[3]
     assert "1.20" in lines[4] and "0.38" in lines[4] and "memory <= 0.5x, time <= 1.35x: met" in lines[4]
+
+
+def test_util_bench_dispatches_to_the_method_benchmarks(capsys, monkeypatch):
+    from util import bench
+    calls = []
+    monkeypatch.setattr(bench_cat_sam, "main", lambda argv: calls.append(list(argv)) or 0)
+    assert bench.main(["cat_sam", "--steps", "1"]) == 0 and calls == [["--steps", "1"]]
+    assert set(bench.METHOD_BENCHMARKS) == {"sccan", "cat_sam", "fastsam"}
+    import importlib
+    for module in bench.METHOD_BENCHMARKS.values():
+        assert callable(importlib.import_module(module).main)

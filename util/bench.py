@@ -1,5 +1,7 @@
 """Speed and memory benchmark:  python -m util.bench CONFIG [key=value ...] [options]
 
+    python -m util.bench sccan|cat_sam|fastsam [options]           # the other methods' benchmarks
+
     python -m util.bench config/toy/toy.yaml                       # seconds; the protocol is measured
     python -m util.bench config/pascal/pascal_split0_resnet50.yaml --episodes 3 --steps 3 --compare
     python -m util.bench CONFIG --reference                         # the original's code paths only
@@ -462,7 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: ``python -m util.bench <method> [options]``: the benchmarks of the other methods, one module each
+METHOD_BENCHMARKS = {"sccan": "util.bench_sccan", "cat_sam": "util.bench_cat_sam", "fastsam": "util.fastsam_bench"}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in METHOD_BENCHMARKS:
+        import importlib
+        result = importlib.import_module(METHOD_BENCHMARKS[argv[0]]).main(argv[1:])
+        return result if isinstance(result, int) else 0
     args = build_parser().parse_args(argv)
     from util.config import ConfigError
     try:
