@@ -100,6 +100,22 @@ def default_config_dir() -> Path:
     return Path(cache) / "sam-rsp" / "ultralytics"
 
 
+def undo_global_patches() -> None:
+    """Undo what importing ultralytics changes for the whole process: it replaces ``PIL.Image.open``
+    (a file Pillow cannot identify then triggers ``check_requirements("pi-heif")``, an install
+    attempt, instead of ``UnidentifiedImageError``) and ``torch.save``. The rest of the project
+    relies on both behaving as documented (a corrupt mask is a DataError naming the file), so the
+    originals, which ultralytics keeps, are put back. A no-op when ultralytics is not imported."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    if patches is None:
+        return
+    from PIL import Image
+    if getattr(patches, "_image_open", None) is not None and Image.open is getattr(patches, "image_open", None):
+        Image.open = patches._image_open
+    if getattr(patches, "_torch_save", None) is not None and torch.save is getattr(patches, "torch_save", None):
+        torch.save = patches._torch_save
+
+
 def _switch_off_network() -> None:
     """Module flags for an ultralytics imported before our environment was set (no-ops otherwise)."""
     utils = sys.modules.get("ultralytics.utils")
@@ -133,6 +149,7 @@ def import_ultralytics(config_dir: Optional[PathLike] = None):
             f"FastSAM needs the optional extra: {INSTALL_HINT} (installs ultralytics, licensed AGPL-3.0); "
             f"importing it failed: {err}") from err
     _switch_off_network()
+    undo_global_patches()
     return ultralytics
 
 

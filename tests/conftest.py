@@ -91,3 +91,12 @@ def tiny_toy_overrides(root: Path, cache: Path, out: Path | None = None, **extra
         items["output_dir"] = str(out)
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
+
+
+def pytest_collection_finish(session):
+    """Some test modules import ultralytics at collection (``pytest.importorskip``), which patches
+    ``PIL.Image.open`` and ``torch.save`` for the whole process; undo that as model.fastsam does
+    after its own import, so that every other test sees the libraries as users do."""
+    if "ultralytics" in sys.modules:
+        from model.fastsam import undo_global_patches
+        undo_global_patches()

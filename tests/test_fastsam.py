@@ -337,3 +337,24 @@ def test_fresh_process_makes_no_connection_attempt(random_fastsam, tmp_path):
     assert report["attempts"] == [] and report["online"] is False and report["clip"] is False
     assert report["n"] > 0
     assert report["settings"] == str(tmp_path / "config" / "Ultralytics" / "settings.json")
+
+
+def test_importing_the_extra_leaves_pil_and_torch_save_alone(tmp_path):
+    """ultralytics replaces PIL.Image.open (a corrupt image then tries to install pi-heif) and
+    torch.save; import_ultralytics puts the originals back, so a corrupt mask stays a DataError."""
+    pytest.importorskip("ultralytics")
+    from PIL import Image
+    from model.fastsam import import_ultralytics
+    from util.io import DataError, read_mask
+    patches = import_ultralytics().utils.patches
+    assert Image.open is patches._image_open and torch.save is patches._torch_save
+    Image.open, torch.save = patches.image_open, patches.torch_save      # as right after a plain import
+    try:
+        import_ultralytics()
+        assert Image.open is patches._image_open and torch.save is patches._torch_save
+    finally:
+        Image.open, torch.save = patches._image_open, patches._torch_save
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataError, match="bad.png"):
+        read_mask(bad)
