@@ -84,13 +84,16 @@ def _file_digest(path: Path) -> str:
 
 def class_pixel_counts(pairs: Sequence[tuple[str, str]], root: Path, cache_file: Path | None,
                        mask_reader: Callable[[Path], np.ndarray] | None = None,
-                       workers: int = 4, progress: bool = True) -> list[ImageEntry]:
-    """Pixel count of every class (not 0, not 255) in every mask, cached in ``cache_file``.
+                       workers: int = 4, progress: bool = True, count_zero: bool = False) -> list[ImageEntry]:
+    """Pixel count of every class (not 0, not 255) in every mask, cached in ``cache_file``;
+    ``count_zero``: value 0 is a class too (the weak-shot benchmarks: 0 = person / wall).
 
     The cache is keyed by the list itself (paths, in order) and the root: it is rebuilt when
     missing, unreadable or made for another list.
     """
-    key = hashlib.sha256(json.dumps([str(root.resolve()), list(pairs)]).encode()).hexdigest()
+    key_parts = ([] if not count_zero else ["with-0"]) + [str(root.resolve()), list(pairs)]
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()
+    skipped = (255,) if count_zero else (0, 255)
     if cache_file is not None and cache_file.is_file():
         try:
             cached = json.loads(cache_file.read_text())
@@ -104,7 +107,7 @@ def class_pixel_counts(pairs: Sequence[tuple[str, str]], root: Path, cache_file:
     def count(pair):
         mask = reader(root / pair[1])
         hist = np.bincount(mask.ravel(), minlength=256)
-        return {int(c): int(hist[c]) for c in np.nonzero(hist)[0] if c not in (0, 255)}
+        return {int(c): int(hist[c]) for c in np.nonzero(hist)[0] if c not in skipped}
 
     with ThreadPool(max(1, workers)) as pool:
         iterator = pool.imap(count, pairs, chunksize=16)

@@ -51,12 +51,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from util.atomic import write_atomic, write_text_atomic
+from util.atomic import write_atomic
 from util.config import ConfigError
 from util.dataset import DataSource
 from util.folds import COCO_CLASSES, Fold
 from util.io import DataError, read_mask
-from util.lists import ImageEntry, read_pair_list, write_pair_list
+from util.lists import ImageEntry, class_pixel_counts, read_pair_list, write_pair_list
 
 IGNORE = 255
 
@@ -262,28 +262,8 @@ def benchmark_fold(data_cfg: Mapping) -> BenchmarkFold:
 def count_classes(pairs: Sequence[Tuple[str, str]], root: Path, cache_file: Optional[Path], *, workers: int = 4,
                   progress: bool = True) -> List[ImageEntry]:
     """Pixel count of every label value but 255 (0 included: a class here) in every mask, cached
-    in ``cache_file`` (keyed by the list and the root, like :func:`util.lists.class_pixel_counts`)."""
-    key = hashlib.sha256(json.dumps(["with-0", str(root.resolve()), list(pairs)]).encode()).hexdigest()
-    if cache_file is not None and cache_file.is_file():
-        try:
-            cached = json.loads(cache_file.read_text())
-            if cached.get("key") == key:
-                return [ImageEntry(img, msk, {int(c): n for c, n in counts.items()})
-                        for (img, msk), counts in zip(pairs, cached["counts"])]
-        except (ValueError, KeyError, TypeError):
-            pass
-
-    def count(pair):
-        hist = np.bincount(read_mask(root / pair[1], "data.root").ravel(), minlength=256)
-        return {int(c): int(hist[c]) for c in np.nonzero(hist)[0] if c != IGNORE}
-
-    with ThreadPool(max(1, workers)) as pool:
-        counts = list(tqdm(pool.imap(count, pairs, chunksize=16), total=len(pairs), disable=not progress,
-                           desc=f"scanning masks ({root})", leave=False))
-    if cache_file is not None:
-        write_text_atomic(cache_file, json.dumps({"key": key, "counts": [{str(c): n for c, n in d.items()}
-                                                                         for d in counts]}))
-    return [ImageEntry(img, msk, d) for (img, msk), d in zip(pairs, counts)]
+    in ``cache_file`` (:func:`util.lists.class_pixel_counts` with ``count_zero``)."""
+    return class_pixel_counts(pairs, root, cache_file, workers=workers, progress=progress, count_zero=True)
 
 
 class BenchmarkSource(DataSource):

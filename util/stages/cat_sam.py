@@ -136,13 +136,9 @@ def cat_sam_optimizers(model: torch.nn.Module, cfg: Mapping) -> List[OptimizerSp
 def cat_sam_length(cfg: Mapping, num_samples: int, batch_per_process: int, world_size: int):
     """(epochs // val_every engine epochs, iterations per engine epoch); ``num_samples`` counts the
     ``val_every`` passes of an engine epoch."""
+    from util.stages import epoch_length
     t = cfg["train"]["cat_sam"]
-    iters = (num_samples // world_size) // batch_per_process
-    if cfg["train"]["iters_per_epoch"]:
-        iters = min(iters, cfg["train"]["iters_per_epoch"])
-    if iters < 1:
-        raise ConfigError(f"stage cat_sam: {num_samples} training samples per engine epoch are fewer than one batch "
-                          f"of {t['batch_size']}")
+    _, iters = epoch_length(cfg, num_samples, batch_per_process, world_size)
     return int(t["epochs"]) // int(t["val_every"]), iters
 
 
