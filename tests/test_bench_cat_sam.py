@@ -40,7 +40,7 @@ def test_util_bench_dispatches_to_the_method_benchmarks(capsys, monkeypatch):
     calls = []
     monkeypatch.setattr(bench_cat_sam, "main", lambda argv: calls.append(list(argv)) or 0)
     assert bench.main(["cat_sam", "--steps", "1"]) == 0 and calls == [["--steps", "1"]]
-    assert set(bench.METHOD_BENCHMARKS) == {"sccan", "cat_sam", "fastsam"}
+    assert set(bench.METHOD_BENCHMARKS) == {"sccan", "cat_sam", "fastsam", "simformer"}
     import importlib
     for module in bench.METHOD_BENCHMARKS.values():
         assert callable(importlib.import_module(module).main)

@@ -1,6 +1,6 @@
 """Speed and memory benchmark:  python -m util.bench CONFIG [key=value ...] [options]
 
-    python -m util.bench sccan|cat_sam|fastsam [options]           # the other methods' benchmarks
+    python -m util.bench sccan|cat_sam|fastsam|simformer [options]           # the other methods' benchmarks
 
     python -m util.bench config/toy/toy.yaml                       # seconds; the protocol is measured
     python -m util.bench config/pascal/pascal_split0_resnet50.yaml --episodes 3 --steps 3 --compare
@@ -465,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: ``python -m util.bench <method> [options]``: the benchmarks of the other methods, one module each
-METHOD_BENCHMARKS = {"sccan": "util.bench_sccan", "cat_sam": "util.bench_cat_sam", "fastsam": "util.fastsam_bench"}
+METHOD_BENCHMARKS = {"sccan": "util.bench_sccan", "cat_sam": "util.bench_cat_sam", "fastsam": "util.fastsam_bench",
+                     "simformer": "util.bench_simformer"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
