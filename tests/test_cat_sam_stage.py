@@ -461,7 +461,7 @@ def test_two_processes_keep_identical_weights(folder, tmp_path):
                         "train.select=last", f"output_dir={tmp_path / 'run'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(ROOT / "tests" / "cat_sam_ddp_worker.py"), str(tmp_path / "ranks"), *overrides],
+                    str(ROOT / "tests" / "stage_ddp_worker.py"), str(tmp_path / "ranks"), *overrides],
                    cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     digests = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert digests[0]["step"] == digests[1]["step"] == 4           # 4 samples / 2 ranks / 1 per rank, 2 epochs

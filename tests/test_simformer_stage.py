@@ -268,3 +268,24 @@ def test_tiny_train_and_test_through_the_engine(toy_root, tmp_path):
     # resume continues from last.pth (a second evaluation period)
     more = train(cfg(f"output_dir={tmp_path / 'run'}", "resume=auto", "train.simformer.max_iter=6"))
     assert more["global_step"] == 6
+
+
+def test_two_process_training_keeps_the_ranks_weights_identical(toy_root, tmp_path):
+    """torchrun, 2 processes x 1 pair each (gloo on CPU): the pairs are split over the ranks,
+    gradients all-reduced, so every rank ends with the same weights, different from the start."""
+    import os
+    import subprocess
+    import sys
+    overrides = [str(ROOT / "config" / "toy" / "weakshot.yaml"), *TINY_MODEL, f"data.root={toy_root}",
+                 f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0", "device=cpu",
+                 "train.simformer.batch_size=4", "train.simformer.max_iter=2", "train.simformer.eval_period=2",
+                 "train.simformer.crop_size=64", "train.simformer.val_images=2", "train.select=last",
+                 f"output_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(ROOT / "tests" / "stage_ddp_worker.py"), str(tmp_path / "ranks"), *overrides],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    digests = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert digests[0]["step"] == digests[1]["step"] == 2
+    assert digests[0]["initial"] == digests[1]["initial"]
+    assert digests[0]["weights"] == digests[1]["weights"] != digests[0]["initial"]

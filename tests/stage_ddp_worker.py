@@ -1,7 +1,7 @@
-"""Run under torchrun by tests/test_cat_sam_stage.py: train stage cat_sam, then write this rank's
-digest of the trainable tensors (they must agree across ranks: gradients are all-reduced).
+"""Run under torchrun by the stage tests (cat_sam, simformer): train a stage, then write this
+rank's digest of the trainable tensors (they must agree across ranks: gradients are all-reduced).
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/cat_sam_ddp_worker.py OUT_DIR key=value ...
+    python -m torch.distributed.run --nproc_per_node=2 tests/stage_ddp_worker.py OUT_DIR [CONFIG.yaml] key=value ...
 """
 import hashlib
 import json
@@ -20,7 +20,9 @@ from util.distributed import close_processes  # noqa: E402
 
 def digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
-    for key, value in sorted(model.named_trainable_parameters()):
+    named = model.named_trainable_parameters() if hasattr(model, "named_trainable_parameters") else \
+        ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    for key, value in sorted(named, key=lambda item: item[0]):
         h.update(key.encode())
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -28,7 +30,8 @@ def digest(model: torch.nn.Module) -> str:
 
 def main() -> None:
     out_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
-    cfg = load_config(None, overrides)
+    config = overrides.pop(0) if overrides and overrides[0].endswith(".yaml") else None
+    cfg = load_config(config, overrides)
     seen = {}
     load_pretrained_parts = engine.load_pretrained_parts
 
