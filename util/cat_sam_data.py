@@ -129,6 +129,17 @@ def load_pair(entry: Entry, threshold: float) -> Tuple[np.ndarray, np.ndarray]:
 
 # -- objects, boxes, points -----------------------------------------------------------------------
 
+def random_object_points(objects, rng: np.random.Generator) -> torch.Tensor:
+    """One point drawn uniformly among each object's pixels: N x 1 x 2 (x, y) float32 (the
+    training point prompt, SPEC_CAT_SAM 6)."""
+    points = []
+    for o in objects:
+        ys, xs = np.nonzero(o)
+        k = int(rng.integers(len(xs)))
+        points.append([[xs[k], ys[k]]])
+    return torch.tensor(points, dtype=torch.float32)
+
+
 @dataclass(frozen=True)
 class ObjectRules:
     """Which connected components are objects (``data.cat_sam``)."""
@@ -308,12 +319,7 @@ class CATSAMTrainSet(torch.utils.data.Dataset):
             if kind == "box":
                 sample["boxes"] = torch.from_numpy(np.stack([tight_box(o) for o in objects]))
             elif kind == "point":
-                points = []
-                for o in objects:
-                    ys, xs = np.nonzero(o)
-                    k = int(rng.integers(len(xs)))
-                    points.append([[xs[k], ys[k]]])
-                sample["points"] = torch.tensor(points, dtype=torch.float32)
+                sample["points"] = random_object_points(objects, rng)
                 sample["point_labels"] = torch.ones(len(objects), 1, dtype=torch.int64)
             else:
                 sample["noisy_masks"] = torch.stack([noisy_mask(o, self.mask_size, rng, a.noise_scale,

@@ -161,7 +161,7 @@ def prepare(root: Path = ROOT / "data" / "toy_cat_sam", seed: int = 0, log=print
 # -- pretraining the tiny SAM on the source domain ------------------------------------------------
 
 def _source_sample(seed: int, index: int):
-    from util.cat_sam_data import ObjectRules, components, tight_box, to_image_tensor
+    from util.cat_sam_data import ObjectRules, components, random_object_points, tight_box, to_image_tensor
     rng = np.random.default_rng([seed, 100, index])
     image, fg = source_image(rng)
     objects = components(fg, ObjectRules(8, 20, 0.0)) or [fg]
@@ -172,12 +172,7 @@ def _source_sample(seed: int, index: int):
     elif kind < 0.6:
         sample["boxes"] = torch.from_numpy(np.stack([tight_box(o) for o in objects]))
     else:
-        points = []
-        for o in objects:
-            ys, xs = np.nonzero(o)
-            k = int(rng.integers(len(xs)))
-            points.append([[xs[k], ys[k]]])
-        sample["points"] = torch.tensor(points, dtype=torch.float32)
+        sample["points"] = random_object_points(objects, rng)
     return sample
 
 
