@@ -4,8 +4,9 @@
 
     python -m util.bench config/toy/toy.yaml                       # seconds; the protocol is measured
     python -m util.bench config/pascal/pascal_split0_resnet50.yaml --episodes 3 --steps 3 --compare
-    python -m util.bench CONFIG --reference                         # the original's code paths only
+    python -m util.bench CONFIG --reference                         # our emulation of the original's paths only
     python -m util.bench CONFIG --compare --json bench.json         # both, with ratios, saved
+    python -m util.bench CONFIG --original ../SAM-RSP                # ours and the ORIGINAL code, side by side
 
 The model has RANDOM weights (model.allow_random_init=true and every checkpoint path emptied:
 no file is read, no download needed; speed and memory do not depend on the weights) and the
@@ -23,11 +24,22 @@ in a fresh subprocess, so each peak memory (max RSS; CUDA max allocated on a GPU
 * checkpoint of stage sam_rsp: our format with the frozen parts referenced (the decoder's
   weights; and with the optimizer's momentum, as in last.pth).
 
-``--reference`` approximates the ORIGINAL on the same machine: segment-anything's attention
+``--original PATH`` times the original SAM-RSP code itself, from a checkout of it, in its own
+processes (``tools/bench_original_sam_rsp.py``: only the checkout on ``sys.path``, a scratch working
+directory with random weight files where the original insists on reading some; nothing of it is
+copied into this project), and prints the ratios ours / original. ``--original-python`` names an
+interpreter with the original's requirements (default: this one). The original hard-codes SAM ViT-L
+and BAM as the prompt generator; it is the runnable version (e7fb444) whose decoder side heads are
+256 wide and read each block's output, so compare with ``model.decoder.inner_dim=256
+model.decoder.side_head=output``: the table prints both models' parameter counts and warns when
+they differ.
+
+``--reference`` is an EMULATION of the original, not the original: our model run through the
+original's code paths on the same machine: segment-anything's attention
 (model.sam.attention=reference), BAM's supports encoded in a per-shot loop (the original
 loops over the K shots; same work for 1 shot), no feature cache (the original protocol runs
 the encoders seeds x episodes times) and a checkpoint holding the whole model and its
-optimizer. ``--compare`` runs both and prints the ratios ours / reference.
+optimizer. ``--compare`` adds it as a column ("emulation") with the ratios ours / emulation.
 
 Figures depend on the machine's load: the table prints the load average before and after.
 """
@@ -51,7 +63,10 @@ PASCAL_VAL_IMAGES = (364, 445, 592, 336)
 COCO_QUERIES = 1000
 RANDOM_WEIGHTS = ["model.allow_random_init=true", "model.backbone_checkpoint=", "model.base_learner.checkpoint=",
                   "model.rspg.checkpoint=", "model.sam.checkpoint=", "weights=", "resume=", "train.stage=sam_rsp"]
-VARIANTS = ("ours", "reference")
+VARIANTS = ("ours", "original", "reference")
+#: table headers: "reference" is our emulation of the original's code paths, not the original
+VARIANT_LABELS = {"ours": "ours", "original": "original", "reference": "emulation"}
+ORIGINAL_WORKER = Path(__file__).resolve().parent.parent / "tools" / "bench_original_sam_rsp.py"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +138,12 @@ def _cuda_peak_mb(device) -> Optional[float]:
     return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
 
 
+def parameter_counts(model) -> Dict[str, int]:
+    """Total and trainable parameters: the signature that says two benchmarked models are the same."""
+    return {"total": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
 def _build(cfg, device, *, amp: bool, compile: bool, log: Callable[[str], None]):
     import torch
     from model import build_model
@@ -169,6 +190,7 @@ def worker_eval(cfg, variant: str, args) -> dict:
         result["cached_episode_s"] = timed(lambda: model(query, supports, masks, query_embedding=embedding),
                                            repeat=args.episodes, warmup=args.warmup, sync=sync)
     result["embedding_bytes"] = embedding[0].numel() * embedding.element_size()
+    result["parameters"] = parameter_counts(model)
     result["max_rss_mb"] = max_rss_mb()
     result["cuda_max_allocated_mb"] = _cuda_peak_mb(device)
     return result
@@ -300,10 +322,12 @@ def extrapolate_protocol(cfg, eval_result: Mapping, variant: str) -> dict:
         return {"measured": False, "folds": [], "note": f"no official list sizes for dataset {dataset!r}"}
     t_fresh = eval_result["episode_s"]["median"]
     t_sam = eval_result["sam_call_s"]["median"]
-    t_cached = eval_result["cached_episode_s"]["median"]
-    bytes_per_image = eval_result["embedding_bytes"] * (2 if ev["cache_dtype"] == "float16" else 4) // 4
-    capacity = int(ev["cache_mb"] * 2 ** 20 // max(1, bytes_per_image))
     use_cache = variant == "ours" and ev["cache"] != "none"
+    capacity = 0
+    if use_cache:
+        t_cached = eval_result["cached_episode_s"]["median"]
+        bytes_per_image = eval_result["embedding_bytes"] * (2 if ev["cache_dtype"] == "float16" else 4) // 4
+        capacity = int(ev["cache_mb"] * 2 ** 20 // max(1, bytes_per_image))
     rows = []
     for name, list_size in folds:
         calls = protocol_encoder_calls(list_size=list_size, episodes=episodes, seeds=seeds, capacity=capacity) \
@@ -332,12 +356,88 @@ def run_worker(kind: str, variant: str, args) -> dict:
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
+class OriginalError(RuntimeError):
+    """The original checkout cannot be benchmarked (missing files or packages, an unsupported config)."""
+
+
+def original_settings(cfg) -> tuple:
+    """``(config file in the checkout, [key=value overrides])``: the original's ``args`` for the model
+    our config describes. The original knows PASCAL and COCO, BAM as prompt generator and SAM ViT-L only."""
+    data, model = cfg["data"], cfg["model"]
+    if data["dataset"] not in ("pascal", "coco"):
+        raise OriginalError(f"--original: data.dataset is {data['dataset']!r}; the original knows pascal and coco only")
+    if model["rspg"]["type"] != "bam":
+        raise OriginalError(f"--original: model.rspg.type is {model['rspg']['type']!r}; the original has BAM only")
+    if model["sam"]["type"] != "vit_l":
+        raise OriginalError(f"--original: model.sam.type is {model['sam']['type']!r}; the original hard-codes vit_l")
+    backbones = {"vgg16_bn": (50, True), "resnet50": (50, False), "resnet101": (101, False)}
+    if model["backbone"] not in backbones:
+        raise OriginalError(f"--original: model.backbone {model['backbone']!r} is not one of {sorted(backbones)}")
+    layers, vgg = backbones[model["backbone"]]
+    config_file = f"config/{data['dataset']}/{data['dataset']}_split0_{'vgg' if vgg else 'resnet50'}.yaml"
+    overrides = [f"split={data['split']}", f"shot={data['shot']}", f"layers={layers}", f"vgg={vgg}",
+                 f"train_h={data['train_size']}", f"train_w={data['train_size']}", f"val_size={data['val_size']}",
+                 f"depth={model['decoder']['depth']}",
+                 # random weights: no BAM checkpoint (the original then skips the load), an empty SAM file
+                 "RSPG_weight_path=no_rspg_weights.pth", "SAM_pretrained_path=sam_random.pth"]
+    return config_file, overrides
+
+
+def run_original_worker(kind: str, args, cfg, workdir: Path) -> dict:
+    """One measurement of the original's code, in a fresh process with only the checkout importable."""
+    config_file, overrides = original_settings(cfg)
+    device, _ = _device_and_sync(cfg)
+    command = [args.original_python, str(ORIGINAL_WORKER), "--checkout", str(Path(args.original).resolve()),
+               "--kind", kind, "--config-file", config_file, "--device", device.type,
+               "--episodes", str(args.episodes), "--warmup", str(args.warmup), "--steps", str(args.steps),
+               "--train-batch", str(args.train_batch), "--set", *overrides]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}   # the original's `util` and `model`, not ours
+    _err(f"running {kind} (original) in a fresh process ...")
+    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workdir, env=env)
+    message = proc.stderr.strip()
+    if proc.returncode == 3 and "error:" in message:   # the worker's own clear error (missing file or package)
+        raise OriginalError(message[message.rfind("error:") + 6:].strip())
+    sys.stderr.write(proc.stderr[-4000:])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or (kind != "prepare" and not lines):
+        raise OriginalError(f"the original's {kind} run failed (exit {proc.returncode}); its output:\n"
+                            f"{(proc.stdout + proc.stderr)[-3000:]}")
+    return json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else {}
+
+
+def check_original_checkout(args) -> None:
+    """The worker's ``--check``: every file the original's model imports is in the checkout."""
+    proc = subprocess.run([args.original_python, str(ORIGINAL_WORKER), "--checkout", str(Path(args.original).resolve()),
+                           "--check"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    if proc.returncode != 0:
+        message = proc.stderr.strip()
+        raise OriginalError(message[message.find("error:") + 6:].strip() if "error:" in message else message)
+
+
+def run_original(args) -> dict:
+    """Prepare the random weight files once, then the eval and train measurements (each its own process)."""
+    cfg = load_bench_config(args.config, args.overrides, "ours")
+    with tempfile.TemporaryDirectory(prefix="sam_rsp_original_") as tmp:
+        run_original_worker("prepare", args, cfg, Path(tmp))
+        report = {"eval": run_original_worker("eval", args, cfg, Path(tmp)),
+                  "train": run_original_worker("train", args, cfg, Path(tmp))}
+    report["checkpoint"] = report["train"].pop("checkpoint")
+    if toy_data_present(cfg) or args.no_protocol:
+        report["protocol"] = {"measured": False, "folds": [], "note": "not run for the original"}
+    else:   # the original has no cache: every episode runs both encoders
+        report["protocol"] = extrapolate_protocol(cfg, report["eval"], "original")
+    return report
+
+
 def toy_data_present(cfg) -> bool:
     from util.config import resolve_path
     return cfg["data"]["dataset"] == "toy" and resolve_path(cfg["data"]["root"], cfg).is_dir()
 
 
 def run_variant(variant: str, args) -> dict:
+    if variant == "original":
+        return run_original(args)
     cfg = load_bench_config(args.config, args.overrides, variant)
     report = {"eval": run_worker("eval", variant, args), "train": run_worker("train", variant, args)}
     report["checkpoint"] = report["train"].pop("checkpoint")
@@ -363,7 +463,9 @@ def _fmt(value, unit: str) -> str:
 def format_report(report: Mapping) -> str:
     """The readable table of :func:`main`'s report."""
     variants = [v for v in VARIANTS if v in report]
-    compare = len(variants) == 2
+    #: ratio columns: ours / each other variant measured
+    others = [v for v in variants if v != "ours"] if "ours" in report else []
+    short = {"original": "orig", "reference": "emul"}
     meta = report["meta"]
     lines = [f"SAM-RSP benchmark: {meta['config']} on {meta['device']} ({meta['threads']} threads), torch {meta['torch']}",
              "RANDOM weights: model.allow_random_init=true and every checkpoint path emptied (no file is read)",
@@ -374,11 +476,15 @@ def format_report(report: Mapping) -> str:
              "processes on the machine slow every figure down"]
     lines.append(f"ours: attention {meta['attention']}, eval.amp {meta['eval_amp']}, train.amp {meta['train_amp']} "
                  f"(autocast on CUDA only), eval.compile {meta['eval_compile']}, eval.cache {meta['cache']}")
+    if "original" in report:
+        lines.append(f"original = the original SAM-RSP code from {meta.get('original', '?')}, in its own processes "
+                     "(tools/bench_original_sam_rsp.py)")
     if "reference" in report:
-        lines.append("reference = the original's paths: segment-anything attention, per-shot support loop, no cache, "
-                     "whole-model checkpoint")
+        lines.append("emulation (--reference) = OUR model through the original's paths: segment-anything attention, "
+                     "per-shot support loop, no cache, whole-model checkpoint; not the original code")
     lines.append("")
-    header = f"{'':46s}{'unit':>6s}" + "".join(f"{v:>13s}" for v in variants) + (f"{'ours/ref':>10s}" if compare else "")
+    header = (f"{'':46s}{'unit':>6s}" + "".join(f"{VARIANT_LABELS[v]:>13s}" for v in variants)
+              + "".join(f"{'ours/' + short[v]:>11s}" for v in others))
     lines.append(header)
 
     def row(label: str, unit: str, getter: Callable[[Mapping], object]):
@@ -389,8 +495,10 @@ def format_report(report: Mapping) -> str:
             except (KeyError, TypeError, IndexError):
                 values.append(None)
         line = f"{label:46s}{unit:>6s}" + "".join(f"{_fmt(x, unit):>13s}" for x in values)
-        if compare and all(isinstance(x, (int, float)) and x for x in values):
-            line += f"{values[0] / values[1]:>10.2f}"
+        for other in others:
+            mine, theirs = values[0], values[variants.index(other)]
+            usable = all(isinstance(x, (int, float)) and not isinstance(x, bool) and x for x in (mine, theirs))
+            line += f"{mine / theirs:>11.2f}" if usable else f"{'-':>11s}"
         lines.append(line)
 
     if meta["eval_compile"]:
@@ -417,9 +525,9 @@ def format_report(report: Mapping) -> str:
         row("  encoder calls, feature cache", "", lambda r: r["protocol"]["cached"]["encoder_calls"])
         row("  wall time, no cache", "s", lambda r: r["protocol"]["uncached"]["wall_s"])
         row("  wall time, feature cache", "s", lambda r: r["protocol"]["cached"]["wall_s"])
-        if compare:
-            row("  encoder calls as run (ours cached, ref not)", "", lambda r: as_run(r["protocol"])["encoder_calls"])
-            row("  wall time as run (ours cached, ref not)", "s", lambda r: as_run(r["protocol"])["wall_s"])
+        if others:
+            row("  encoder calls as run (ours cached, others not)", "", lambda r: as_run(r["protocol"])["encoder_calls"])
+            row("  wall time as run (ours cached, others not)", "s", lambda r: as_run(r["protocol"])["wall_s"])
         row("  mIoU, no cache (random weights)", "%", lambda r: 100 * r["protocol"]["uncached"]["miou_mean"])
         row("  mIoU, feature cache (random weights)", "%", lambda r: 100 * r["protocol"]["cached"]["miou_mean"])
     elif first.get("folds"):
@@ -433,16 +541,23 @@ def format_report(report: Mapping) -> str:
             row("    encoder calls, feature cache", "", lambda r, f=fold_of: f(r)["cached"]["encoder_calls"])
             row("    wall time, no cache", "h", lambda r, f=fold_of: f(r)["uncached"]["wall_s"] / 3600)
             row("    wall time, feature cache", "h", lambda r, f=fold_of: f(r)["cached"]["wall_s"] / 3600)
-            if compare:
-                row("    encoder calls as run (ours cached, ref not)", "", lambda r, f=fold_of: as_run(f(r))["encoder_calls"])
-                row("    wall time as run (ours cached, ref not)", "h", lambda r, f=fold_of: as_run(f(r))["wall_s"] / 3600)
+            if others:
+                row("    encoder calls as run (ours cached, others not)", "", lambda r, f=fold_of: as_run(f(r))["encoder_calls"])
+                row("    wall time as run (ours cached, others not)", "h", lambda r, f=fold_of: as_run(f(r))["wall_s"] / 3600)
     else:
         lines.append(f"test protocol: {first.get('note', 'not measured')}")
     row("checkpoint, stage sam_rsp (weights)", "MB", lambda r: r["checkpoint"]["weights_only_mb"])
     row("  with optimizer state (as last.pth)", "MB", lambda r: r["checkpoint"]["with_optimizer_mb"])
     if "ours" in report:
         lines.append("  (ours: trainable decoder weights, frozen BAM and SAM referenced by path + sha256; "
-                     "reference: the whole model, as the original saves it)")
+                     "original and emulation: the whole model, as the original saves it)")
+    row("parameters, total", "", lambda r: r["eval"]["parameters"]["total"])
+    row("parameters, trainable", "", lambda r: r["eval"]["parameters"]["trainable"])
+    counts = {v: report[v]["eval"].get("parameters") for v in variants}
+    if "ours" in counts and "original" in counts and counts["ours"] != counts["original"]:
+        lines.append("WARNING: ours and the original differ in their parameter counts: the ratios compare DIFFERENT "
+                     "models (the checkout is the runnable version e7fb444: add model.decoder.inner_dim=256 "
+                     "model.decoder.side_head=output; and the same backbone, shot and sizes)")
     return "\n".join(lines)
 
 
@@ -455,8 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up episodes / steps; default 1")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps (median); default 3")
     parser.add_argument("--train-batch", type=int, default=1, help="training batch size; default 1 (the original's)")
-    parser.add_argument("--reference", action="store_true", help="measure the original's code paths only")
-    parser.add_argument("--compare", action="store_true", help="measure ours and the reference, print the ratios")
+    parser.add_argument("--reference", action="store_true", help="measure only the emulation: our model through the original's code paths")
+    parser.add_argument("--compare", action="store_true", help="also measure the emulation (--reference), with the ratios ours / emulation")
+    parser.add_argument("--original", metavar="PATH", default=None,
+                        help="also time the original SAM-RSP code from this checkout of it (tools/bench_original_sam_rsp.py)")
+    parser.add_argument("--original-python", metavar="PYTHON", default=sys.executable,
+                        help="interpreter for the original's processes (one with its requirements); default: this one")
     parser.add_argument("--no-protocol", action="store_true", help="skip the test-protocol measurement")
     parser.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -486,7 +605,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import torch
         cfg = load_bench_config(args.config, args.overrides, "ours")   # validates the config early
         device, _ = _device_and_sync(cfg)
-        variants = list(VARIANTS) if args.compare else (["reference"] if args.reference else ["ours"])
+        variants = ["reference"] if args.reference and not args.compare else ["ours"]
+        if args.original:
+            variants.append("original")
+            original_settings(cfg)   # an unsupported config or checkout fails before anything runs
+            check_original_checkout(args)
+        if args.compare:
+            variants.append("reference")
         report: Dict[str, object] = {"meta": {
             "config": args.config, "overrides": list(args.overrides), "device": str(device),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "shot": cfg["data"]["shot"],
@@ -494,7 +619,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "train_batch": args.train_batch, "episodes": args.episodes, "steps": args.steps, "warmup": args.warmup,
             "attention": cfg["model"]["sam"]["attention"], "eval_amp": cfg["eval"]["amp"], "train_amp": cfg["train"]["amp"],
             "eval_compile": cfg["eval"]["compile"], "cache": cfg["eval"]["cache"],
-            "load_before": os.getloadavg()[0]}}
+            "load_before": os.getloadavg()[0], "original": args.original}}
         for variant in variants:
             report[variant] = run_variant(variant, args)
         report["meta"]["load_after"] = os.getloadavg()[0]
@@ -503,7 +628,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2))
             print(f"report written to {args.json}")
-    except ConfigError as err:
+    except (ConfigError, OriginalError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
