@@ -29,16 +29,11 @@ Prints one line ``BENCH_RESULT {json}`` with the same keys as util.bench's own w
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import os
-import resource
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-RESULT_PREFIX = "BENCH_RESULT "
 
 #: file in the checkout -> where it comes from (the message for a missing one)
 REQUIRED_FILES = {
@@ -118,36 +113,25 @@ def prepare(args, torch) -> None:
     torch.save({"state_dict": pspnet.state_dict()}, path)
 
 
-def max_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+def load_project_bench():
+    """This project's util/bench.py, loaded by file path under another name: in this process ``util`` is
+    the original's package. Its timing, peak-memory reading and synthetic inputs are the ones our own
+    workers use, so both columns see the same episode."""
+    path = Path(__file__).resolve().parent.parent / "util" / "bench.py"
+    spec = importlib.util.spec_from_file_location("sam_rsp_project_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def timed(fn, *, repeat: int, warmup: int, sync) -> dict:
-    for _ in range(warmup):
-        fn()
-    sync()
-    walls, cpus = [], []
-    for _ in range(max(1, repeat)):
-        wall, cpu = time.perf_counter(), time.process_time()
-        fn()
-        sync()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return {"median": statistics.median(walls), "min": min(walls), "all": walls, "cpu_median": statistics.median(cpus)}
+BENCH = load_project_bench()
+timed, max_rss_mb, RESULT_PREFIX = BENCH.timed, BENCH.max_rss_mb, BENCH.RESULT_PREFIX
 
 
 def synthetic_episode(torch, *, batch: int, shot: int, size: int, device):
-    """The same synthetic inputs as util.bench.synthetic_episode (same generator seed and order)."""
-    generator = torch.Generator().manual_seed(0)
-    query = torch.randn(batch, 3, size, size, generator=generator)
-    supports = torch.randn(batch, shot, 3, size, size, generator=generator)
-    masks = torch.zeros(batch, shot, size, size)
-    masks[..., size // 4:3 * size // 4, size // 4:3 * size // 4] = 1
-    masks[..., :2, :] = 255
-    target = torch.zeros(batch, size, size, dtype=torch.long)
-    target[:, size // 3:2 * size // 3, size // 3:2 * size // 3] = 1
-    return query.to(device), supports.to(device), masks.to(device), target.to(device)
+    """util.bench's synthetic episode (same generator seed), on ``device``."""
+    tensors = BENCH.synthetic_episode(batch=batch, shot=shot, size=size, generator=torch.Generator().manual_seed(0))
+    return tuple(t.to(device) for t in tensors)
 
 
 def build(args, torch, device):
