@@ -55,11 +55,6 @@ def missing_files(checkout: Path) -> list:
     return [(rel, source) for rel, source in REQUIRED_FILES.items() if not (checkout / rel).is_file()]
 
 
-def parse_value(text: str):
-    import yaml
-    return yaml.safe_load(text)
-
-
 def load_original_args(checkout: Path, config_file: str, overrides: list) -> argparse.Namespace:
     """The original's ``args``: every section of its YAML flattened into one namespace (as its
     ``util/config.py`` does), then ``key=value`` overrides (values parsed as YAML)."""
@@ -77,7 +72,7 @@ def load_original_args(checkout: Path, config_file: str, overrides: list) -> arg
         if not sep or key not in flat:
             raise SystemExit(f"error: override {item!r}: expected KEY=VALUE with KEY one of the original's config "
                              f"keys ({config_file})")
-        flat[key] = parse_value(value)
+        flat[key] = yaml.safe_load(value)
     return argparse.Namespace(**flat)
 
 
@@ -125,7 +120,8 @@ def load_project_bench():
 
 
 BENCH = load_project_bench()
-timed, max_rss_mb, RESULT_PREFIX = BENCH.timed, BENCH.max_rss_mb, BENCH.RESULT_PREFIX
+timed, max_rss_mb, parameter_counts, RESULT_PREFIX = (BENCH.timed, BENCH.max_rss_mb, BENCH.parameter_counts,
+                                                      BENCH.RESULT_PREFIX)
 
 
 def synthetic_episode(torch, *, batch: int, shot: int, size: int, device):
@@ -141,11 +137,6 @@ def build(args, torch, device):
     optimizer = model.get_optim(model, args, LR=args.base_lr)   # as the original's get_model: optimizer, then freeze
     model.freeze_modules(model)
     return model.to(device), optimizer
-
-
-def parameter_counts(model) -> dict:
-    return {"total": sum(p.numel() for p in model.parameters()),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def worker_eval(args, opts, torch, device, sync) -> dict:
@@ -169,8 +160,7 @@ def worker_eval(args, opts, torch, device, sync) -> dict:
     print(f"[original] eval episode: median {result['episode_s']['median']:.3f} s", file=sys.stderr, flush=True)
     result["sam_call_s"] = timed(sam_call, repeat=opts.episodes, warmup=opts.warmup, sync=sync)
     result["max_rss_mb"] = max_rss_mb()
-    result["cuda_max_allocated_mb"] = (torch.cuda.max_memory_allocated(device) / 2 ** 20
-                                       if device.type == "cuda" else None)
+    result["cuda_max_allocated_mb"] = BENCH._cuda_peak_mb(device)
     result["parameters"] = parameter_counts(model)
     return result
 
@@ -200,8 +190,7 @@ def worker_train(args, opts, torch, device, sync) -> dict:
     result = {"step_s": timed(step, repeat=opts.steps, warmup=opts.warmup, sync=sync)}
     print(f"[original] train step: median {result['step_s']['median']:.3f} s", file=sys.stderr, flush=True)
     result["max_rss_mb"] = max_rss_mb()
-    result["cuda_max_allocated_mb"] = (torch.cuda.max_memory_allocated(device) / 2 ** 20
-                                       if device.type == "cuda" else None)
+    result["cuda_max_allocated_mb"] = BENCH._cuda_peak_mb(device)
     result["parameters"] = parameter_counts(model)
     result["trainable_parameters"] = result["parameters"]["trainable"]
     with tempfile.TemporaryDirectory() as tmp:   # what the original's train.py saves every epoch

@@ -383,20 +383,28 @@ def original_settings(cfg) -> tuple:
     return config_file, overrides
 
 
+def _run_original_process(args, *worker_args: str, cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+    """The worker script on the checkout, PYTHONPATH dropped (the original's ``util`` and ``model``, not
+    ours); its own clear errors (exit 3: a missing file or package) become an :class:`OriginalError`."""
+    command = [args.original_python, str(ORIGINAL_WORKER), "--checkout", str(Path(args.original).resolve()),
+               *worker_args]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+    message = proc.stderr.strip()
+    if proc.returncode == 3 and "error:" in message:
+        raise OriginalError(message[message.rfind("error:") + 6:].strip())
+    return proc
+
+
 def run_original_worker(kind: str, args, cfg, workdir: Path) -> dict:
     """One measurement of the original's code, in a fresh process with only the checkout importable."""
     config_file, overrides = original_settings(cfg)
     device, _ = _device_and_sync(cfg)
-    command = [args.original_python, str(ORIGINAL_WORKER), "--checkout", str(Path(args.original).resolve()),
-               "--kind", kind, "--config-file", config_file, "--device", device.type,
-               "--episodes", str(args.episodes), "--warmup", str(args.warmup), "--steps", str(args.steps),
-               "--train-batch", str(args.train_batch), "--set", *overrides]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}   # the original's `util` and `model`, not ours
     _err(f"running {kind} (original) in a fresh process ...")
-    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workdir, env=env)
-    message = proc.stderr.strip()
-    if proc.returncode == 3 and "error:" in message:   # the worker's own clear error (missing file or package)
-        raise OriginalError(message[message.rfind("error:") + 6:].strip())
+    proc = _run_original_process(args, "--kind", kind, "--config-file", config_file, "--device", device.type,
+                                 "--episodes", str(args.episodes), "--warmup", str(args.warmup),
+                                 "--steps", str(args.steps), "--train-batch", str(args.train_batch),
+                                 "--set", *overrides, cwd=workdir)
     sys.stderr.write(proc.stderr[-4000:])
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or (kind != "prepare" and not lines):
@@ -407,12 +415,9 @@ def run_original_worker(kind: str, args, cfg, workdir: Path) -> dict:
 
 def check_original_checkout(args) -> None:
     """The worker's ``--check``: every file the original's model imports is in the checkout."""
-    proc = subprocess.run([args.original_python, str(ORIGINAL_WORKER), "--checkout", str(Path(args.original).resolve()),
-                           "--check"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    proc = _run_original_process(args, "--check")
     if proc.returncode != 0:
-        message = proc.stderr.strip()
-        raise OriginalError(message[message.find("error:") + 6:].strip() if "error:" in message else message)
+        raise OriginalError(proc.stderr.strip())
 
 
 def run_original(args) -> dict:
